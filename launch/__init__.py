@@ -1,0 +1,1 @@
+"""Compute backends: one protocol (launch.base.Backend), one module per place jobs run."""

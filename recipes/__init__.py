@@ -1,0 +1,1 @@
+"""Data plane: the training recipe that runs on the GPU node (needs the `train` extra)."""
