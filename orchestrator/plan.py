@@ -105,7 +105,8 @@ class Rejected:
                 "spot": self.spot, "reason": self.reason, "detail": self.detail}
 
 
-REJECT_REASONS = ("does_not_fit_memory", "over_max_price", "misses_deadline", "over_budget", "no_spot_market")
+REJECT_REASONS = ("does_not_fit_memory", "over_max_price", "misses_deadline", "over_budget", "no_spot_market",
+                  "unknown_gpu")
 
 
 @dataclass(frozen=True)
@@ -151,4 +152,5 @@ class Plan:
             "options": [o.to_json() for o in self.options],
             "rejected": [r.to_json() for r in self.rejected],
             "managed": [m.to_json() for m in self.managed],
+            "assumptions": self.assumptions,
         }

@@ -1,0 +1,237 @@
+"""The local backend: the job runs on this machine, watched over by a detached supervisor.
+
+`submit` writes the run directory (a self-contained copy of the spec, `supervisor.json`) and
+starts `python -m launch.supervisor RUN_DIR` in a new session, so the job outlives the CLI that
+launched it. The supervisor (launch/supervisor.py) owns recovery; this class only reads what it
+records (`attempts.jsonl`, the supervisor's lock) and writes its control file.
+
+The external id of a local job is the absolute path of its run directory: everything needed to
+re-attach is there, whatever state dir the next CLI is started with.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Iterator, Optional
+
+import yaml
+
+from launch.base import BackendError, LaunchRequest, Observation, ObservedAttempt, Placement
+from launch.supervisor import (ATTEMPTS_FILE, CONFIG_FILE, CONTROL_FILE, EVENTS_FILE, LOCK_FILE,
+                               SupervisorConfig, read_jsonl)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+
+
+def detect_gpu() -> tuple[Optional[str], int, Optional[float]]:
+    """(name as nvidia-smi reports it, count, GiB per GPU) of this machine's GPUs, without
+    importing torch; (None, 0, None) where there is no NVIDIA GPU or driver."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None, 0, None
+    try:
+        out = subprocess.run([exe, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        return None, 0, None
+    rows = [r.split(",") for r in out.stdout.strip().splitlines() if r.strip()] if out.returncode == 0 else []
+    if not rows:
+        return None, 0, None
+    name = rows[0][0].strip()
+    try:
+        gib = float(rows[0][1]) / 1024
+    except (IndexError, ValueError):
+        gib = None
+    return name, len(rows), gib
+
+
+def placement_to_json(p: Placement) -> dict:
+    d = asdict(p)
+    d["price_per_hour"] = str(p.price_per_hour)
+    return d
+
+
+def placement_from_json(d: dict) -> Placement:
+    return Placement(**{**d, "price_per_hour": Decimal(str(d["price_per_hour"]))})
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+def self_contained_spec(spec_path: Path, dest: Path) -> None:
+    """Copy the spec into the run dir with a relative data.path made absolute, because a
+    relative path resolves against the spec file's own directory."""
+    raw = yaml.safe_load(spec_path.read_text())
+    data = raw.get("data") if isinstance(raw, dict) else None
+    if isinstance(data, dict) and data.get("path"):
+        p = Path(str(data["path"])).expanduser()
+        if not p.is_absolute():
+            data["path"] = str((spec_path.resolve().parent / p).resolve())
+    dest.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def supervisor_alive(run_dir: Path) -> bool:
+    """True while the supervisor holds its lock. Taking the lock ourselves proves it is gone."""
+    try:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing also releases a lock we took
+    return False
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, *, restart_seconds: float = 3.0, simulate_preemptions: int = 0, hard: bool = False,
+                 seed: int = 0, max_consecutive_crashes: int = 3, grace_seconds: float = 120.0,
+                 python: Optional[str] = None):
+        if simulate_preemptions < 0:
+            raise BackendError("--simulate-preemptions must be 0 or more")
+        self.restart_seconds = restart_seconds
+        self.simulate_preemptions = simulate_preemptions
+        self.hard = hard
+        self.seed = seed
+        self.max_consecutive_crashes = max_consecutive_crashes
+        self.grace_seconds = grace_seconds
+        self.python = python or sys.executable
+
+    # --- submit --------------------------------------------------------------------------
+    def submit(self, request: LaunchRequest) -> str:
+        run_dir = Path(request.run_dir).resolve()
+        if (run_dir / ATTEMPTS_FILE).exists():
+            raise BackendError(f"run directory already holds a job: {run_dir}")
+        if not request.placements:
+            raise BackendError("the local backend needs a placement (this machine's GPU and price)")
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        spec_copy = run_dir / "spec.yaml"
+        if Path(request.spec_path).resolve() != spec_copy:
+            self_contained_spec(Path(request.spec_path), spec_copy)
+        config = SupervisorConfig(
+            job_id=request.job_id, spec_path=str(spec_copy), placement=placement_to_json(request.placements[0]),
+            python=self.python, env=dict(request.env), restart_seconds=self.restart_seconds,
+            simulate_preemptions=self.simulate_preemptions, hard=self.hard, seed=self.seed,
+            max_consecutive_crashes=self.max_consecutive_crashes, grace_seconds=self.grace_seconds)
+        (run_dir / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2))
+
+        # Lock before starting: the supervisor inherits the locked descriptor, so from the
+        # moment submit returns, "lock free" can only mean "supervisor gone".
+        lock_fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
+        try:
+            with open(run_dir / "logs" / "supervisor.log", "ab") as log:
+                proc = subprocess.Popen([self.python, "-m", "launch.supervisor", str(run_dir)],
+                                        cwd=run_dir, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True, pass_fds=(lock_fd,))
+            os.write(lock_fd, f"{proc.pid}\n".encode())
+        finally:
+            os.close(lock_fd)
+        return str(run_dir)
+
+    # --- poll ----------------------------------------------------------------------------
+    def _run_dir(self, external_id: str) -> Path:
+        run_dir = Path(external_id)
+        if not (run_dir / CONFIG_FILE).exists():
+            raise BackendError(f"no local run at {run_dir}")
+        return run_dir
+
+    def poll(self, external_id: str) -> Observation:
+        run_dir = self._run_dir(external_id)
+        # Liveness first, records second: a supervisor that exits between the two reads has
+        # already written its job_end line, so it is never mistaken for one that died.
+        alive = supervisor_alive(run_dir)
+        records = read_jsonl(run_dir / ATTEMPTS_FILE)
+        starts = {r["attempt"]: r for r in records if r.get("record") == "start"}
+        ends = {r["attempt"]: r for r in records if r.get("record") == "end"}
+        job_end = next((r for r in reversed(records) if r.get("record") == "job_end"), None)
+        died = job_end is None and not alive
+
+        attempts = []
+        for n in sorted(starts):
+            start, end = starts[n], ends.get(n)
+            if end is not None:
+                ended_at, reason, detail = _utc(end["time"]), end["reason"], end.get("detail")
+            elif died:
+                ended_at, reason, detail = _utc(self._last_activity(run_dir, n)), "failed", "supervisor died"
+            else:
+                ended_at, reason, detail = None, None, None
+            attempts.append(ObservedAttempt(
+                n=n, placement=placement_from_json(start["placement"]), started_at=_utc(start["time"]),
+                ended_at=ended_at, end_reason=reason, external_id=f"pid {start.get('pid')}", detail=detail))
+
+        if job_end is not None:
+            state, detail = job_end["state"], job_end.get("detail")
+        elif died:
+            state, detail = "failed", "supervisor died"
+        elif not attempts:
+            state, detail = "pending", None
+        elif attempts[-1].end_reason is None:
+            state, detail = "running", None
+        else:
+            state, detail = "recovering", f"attempt {attempts[-1].n} {attempts[-1].end_reason}; restarting"
+        return Observation(state=state, attempts=tuple(attempts), detail=detail,
+                           events_path=run_dir / EVENTS_FILE)
+
+    @staticmethod
+    def _last_activity(run_dir: Path, n: int) -> float:
+        """When a dead supervisor's open attempt last did anything: stable across polls."""
+        times = [p.stat().st_mtime for p in (run_dir / "logs" / f"attempt-{n}.log", run_dir / EVENTS_FILE)
+                 if p.exists()]
+        return max(times) if times else (run_dir / ATTEMPTS_FILE).stat().st_mtime
+
+    # --- cancel / logs -------------------------------------------------------------------
+    def cancel(self, external_id: str, *, graceful: bool = True) -> None:
+        run_dir = self._run_dir(external_id)
+        if not supervisor_alive(run_dir):
+            return  # finished, failed or died: nothing left to stop
+        tmp = run_dir / (CONTROL_FILE + ".tmp")
+        tmp.write_text(json.dumps({"action": "stop", "graceful": graceful, "time": time.time()}))
+        os.replace(tmp, run_dir / CONTROL_FILE)
+
+    def logs(self, external_id: str, *, follow: bool = False, poll_seconds: float = 0.5) -> Iterator[str]:
+        """Each attempt's log in turn (`logs/attempt-N.log`); with follow, tail until the job ends."""
+        run_dir = self._run_dir(external_id)
+        n, offset = 1, 0
+        while True:
+            log = run_dir / "logs" / f"attempt-{n}.log"
+            if log.exists():
+                if offset == 0:
+                    yield f"── attempt {n} ──"
+                data = _read_from(log, offset)
+                whole = data.rfind(b"\n") + 1  # a partial last line is read again next time
+                yield from data[:whole].decode(errors="replace").splitlines()
+                offset += whole
+            done = not follow or self.poll(external_id).state in TERMINAL_STATES
+            if (run_dir / "logs" / f"attempt-{n + 1}.log").exists() or done:
+                rest = _read_from(log, offset).decode(errors="replace").rstrip("\n") if log.exists() else ""
+                if rest:
+                    yield rest
+                if done and not (run_dir / "logs" / f"attempt-{n + 1}.log").exists():
+                    return
+                n, offset = n + 1, 0
+                continue
+            time.sleep(poll_seconds)
+
+
+def _read_from(path: Path, offset: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read()

@@ -1,0 +1,215 @@
+"""The SkyPilot task for a job: ranked placements -> ordered resources, checkpoint bucket, setup, run.
+
+One builder serves both `spotune launch --backend skypilot --dry-run` (render_task_yaml) and the
+real submit (SkyPilotBackend), so the YAML a user reads is the task that would be launched, less
+secret values. `sky` is imported inside functions only: it takes seconds to import.
+
+What runs on the node:
+- workdir: this spotune checkout (synced by SkyPilot, honouring .gitignore), installed with the
+  `train` extra in setup, so the recipe on the node is exactly the code planned with here;
+- the spec, rewritten so data.path points at the mounted data file, travels in the env var
+  SPOTUNE_SPEC_YAML (no secrets in it) and is written to a file by `run`;
+- the checkpoint bucket is mounted MOUNT_CACHED at /ckpt; the recipe's run dir is
+  /ckpt/$SKYPILOT_TASK_ID (stable across recoveries, new per managed job), holding
+  events.jsonl, checkpoints/ and output/;
+- events.jsonl is also mirrored into the job's log with the prefix `[spotune-event] `, which is
+  how the backend reads progress (see launch/skypilot.py).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import yaml
+
+from launch.base import BackendError, Placement
+from orchestrator.errors import UserError
+
+CHECKPOINT_MOUNT = "/ckpt"
+NODE_DATA_DIR = "/spotune-data"
+NODE_SPEC_FILE = "$HOME/spotune-spec.yaml"
+EVENT_LOG_PREFIX = "[spotune-event] "
+# The recipe exits 75 after a clean checkpoint on SIGTERM (a spot termination notice): recover
+# then, whatever max_restarts_on_errors says.
+PREEMPTED_EXIT_CODE = 75
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+
+
+class SkyTaskError(UserError):
+    """The plan cannot be turned into a SkyPilot task (one line for the user)."""
+
+
+@dataclass(frozen=True)
+class SkippedPlacement:
+    placement: Placement
+    reason: str
+
+
+def placements_from_plan(plan) -> tuple[Placement, ...]:
+    """The plan's options as placements, in the plan's order (cheapest expected cost first)."""
+    return tuple(
+        Placement(provider=o.offer.provider, region=o.offer.region, gpu=o.offer.gpu,
+                  gpu_count=o.offer.gpu_count, spot=o.spot, price_per_hour=o.price_per_hour,
+                  instance_type=o.offer.instance_type)
+        for o in plan.options)
+
+
+def bucket_name(spec, job_id: str) -> str:
+    """spec.sky.bucket, else one bucket per job: valid as an S3/GCS name (3-63 of [a-z0-9-])."""
+    if spec.sky.bucket:
+        return spec.sky.bucket
+    slug = re.sub(r"[^a-z0-9-]+", "-", job_id.lower()).strip("-")
+    return f"spotune-ckpt-{slug}"[:63].rstrip("-")
+
+
+def node_spec(spec) -> dict:
+    """The spec as the node reads it: data.path points at the mounted copy of the data file."""
+    raw = spec.to_dict()
+    data_path = spec.data_path()
+    if data_path is not None:
+        raw["data"]["path"] = f"{NODE_DATA_DIR}/{data_path.name}"
+    return raw
+
+
+def _torch_pin() -> str:
+    """torch as tested here, without the local build tag: PyPI's Linux wheel of that version is the
+    CUDA build. Unpinned (the train extra's range) when this machine has no torch."""
+    try:
+        version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return ""
+    return f"torch=={version.split('+')[0]}"
+
+
+def setup_commands() -> str:
+    torch_pin = _torch_pin()
+    lines = ["set -e", "python -m pip install -q --upgrade pip"]
+    if torch_pin:
+        lines.append(f"python -m pip install -q {shlex.quote(torch_pin)}")
+    lines.append("python -m pip install -q -e '.[train]'")
+    return "\n".join(lines) + "\n"
+
+
+def run_commands() -> str:
+    run_dir = f"{CHECKPOINT_MOUNT}/$SKYPILOT_TASK_ID"
+    return "\n".join([
+        "set -e",
+        f'RUN_DIR="{run_dir}"',
+        'mkdir -p "$RUN_DIR"',
+        f'printf "%s\\n" "$SPOTUNE_SPEC_YAML" > "{NODE_SPEC_FILE}"',
+        # Progress reaches the backend through the job log: every event line, prefixed.
+        f'(tail -n +1 -F "$RUN_DIR/events.jsonl" 2>/dev/null | sed -u "s/^/{EVENT_LOG_PREFIX}/") &',
+        f'python -m recipes.sft "{NODE_SPEC_FILE}" --run-dir "$RUN_DIR" --checkpoint-dir "$RUN_DIR/checkpoints"',
+    ]) + "\n"
+
+
+def _job_recovery(spec) -> dict:
+    return {"strategy": spec.sky.recovery_strategy,
+            "max_restarts_on_errors": spec.sky.max_restarts_on_errors,
+            "recover_on_exit_codes": [PREEMPTED_EXIT_CODE]}
+
+
+def sky_resources(spec, placements: Sequence[Placement]):
+    """Ordered sky.Resources for the placements SkyPilot can launch, capped at spec.sky.max_options.
+
+    Returns (resources, skipped): a placement on a provider SkyPilot does not know, or one its
+    catalog does not list, is skipped with the reason rather than failing the whole task.
+    """
+    import sky
+    from sky.utils import registry
+
+    resources, skipped = [], []
+    for p in placements:
+        if len(resources) >= spec.sky.max_options:
+            break
+        try:
+            cloud = registry.CLOUD_REGISTRY.from_str(p.provider)
+        except ValueError:
+            cloud = None
+        if cloud is None:
+            skipped.append(SkippedPlacement(p, f"SkyPilot has no cloud named '{p.provider}'"))
+            continue
+        try:
+            resources.append(sky.Resources(
+                infra=f"{p.provider}/{p.region}", instance_type=p.instance_type,
+                accelerators={p.gpu: p.gpu_count}, use_spot=p.spot, job_recovery=_job_recovery(spec)))
+        except Exception as e:  # sky raises ValueError/ResourcesUnavailableError with user text
+            skipped.append(SkippedPlacement(p, _first_line(e)))
+    return resources, skipped
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return re.sub(r"\x1b\[[0-9;]*m", "", text.splitlines()[0])
+
+
+def _source_root() -> Path:
+    if not (SOURCE_ROOT / "pyproject.toml").is_file() or not (SOURCE_ROOT / "recipes").is_dir():
+        raise BackendError(f"SkyPilot launches sync a spotune source checkout to the node; none at {SOURCE_ROOT}")
+    return SOURCE_ROOT
+
+
+def build_task(spec, job_id: str, placements: Sequence[Placement], *,
+               secrets: Optional[Mapping[str, str]] = None, env: Optional[Mapping[str, str]] = None):
+    """(sky.Task, skipped placements) for a job. `secrets` are values (from the user's environment
+    at launch time); leave them out to build the task for display."""
+    import sky
+
+    resources, skipped = sky_resources(spec, placements)
+    if not resources:
+        why = f": {skipped[0].placement.provider}/{skipped[0].placement.region}: {skipped[0].reason}" if skipped else ""
+        raise SkyTaskError(f"no option in the plan can be launched through SkyPilot{why}")
+    envs = {str(k): str(v) for k, v in (env or {}).items()}
+    envs.update({"SPOTUNE_JOB_ID": job_id,
+                 "SPOTUNE_SPEC_YAML": yaml.safe_dump(node_spec(spec), sort_keys=False)})
+    file_mounts = {}
+    data_path = spec.data_path()
+    if data_path is not None:
+        if not data_path.is_file():
+            raise SkyTaskError(f"data file not found: {data_path}")
+        file_mounts[f"{NODE_DATA_DIR}/{data_path.name}"] = str(data_path.resolve())
+    task = sky.Task(name=job_id, setup=setup_commands(), run=run_commands(), envs=envs,
+                    workdir=str(_source_root()), file_mounts=file_mounts or None)
+    task.set_resources(resources)  # a list: SkyPilot tries them in this order
+    bucket = bucket_name(spec, job_id)
+    storage = (sky.Storage(source=bucket, mode=sky.StorageMode.MOUNT_CACHED) if "://" in bucket
+               else sky.Storage(name=bucket, mode=sky.StorageMode.MOUNT_CACHED))
+    task.set_storage_mounts({CHECKPOINT_MOUNT: storage})
+    if secrets:
+        task.update_secrets(dict(secrets))
+    return task, skipped
+
+
+def secrets_from_environment(spec, environ: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """The secrets spec.sky.secrets names that are set here; read at launch, never stored."""
+    environ = os.environ if environ is None else environ
+    return {name: environ[name] for name in spec.sky.secrets if environ.get(name)}
+
+
+def render_task_yaml(spec, plan, job_id: str) -> str:
+    """The task YAML `spotune launch --backend skypilot --dry-run` prints. Secrets appear by name
+    with no value: `sky jobs launch FILE --secret HF_TOKEN` would fill them from the environment."""
+    task, skipped = build_task(spec, job_id, placements_from_plan(plan))
+    config = task.to_yaml_config()
+    if spec.sky.secrets:
+        config["secrets"] = {name: None for name in spec.sky.secrets}
+    header = [f"# spotune job {job_id}: SkyPilot managed-job task (dry run, nothing launched)",
+              f"# resources are tried in order: the plan's options, cheapest expected cost first"]
+    for s in skipped:
+        header.append(f"# skipped {s.placement.provider}/{s.placement.region} {s.placement.gpu}:"
+                      f"{s.placement.gpu_count}{' spot' if s.placement.spot else ''}: {s.reason}")
+    return "\n".join(header) + "\n" + yaml.dump(config, Dumper=_BlockDumper, sort_keys=False, width=1000)
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (setup, run, the node spec) as readable `|` blocks."""
+
+
+_BlockDumper.add_representer(
+    str, lambda dumper, text: dumper.represent_scalar(
+        "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None))

@@ -1,0 +1,334 @@
+"""SkyPilot managed jobs as a spotune backend: SkyPilot owns spot recovery, spotune observes.
+
+submit -> sky.jobs.launch of the task from launch/sky_task.py; poll -> sky.jobs.queue_v2; cancel
+-> sky.jobs.cancel (SIGTERM to the recipe, which checkpoints; graceful waits for the MOUNT_CACHED
+upload); logs -> sky.jobs.tail_logs. Every SDK call returns a request id resolved by sky.get.
+
+queue_v2 is a snapshot (status, last_recovered_at, accumulated job_duration, where it runs now),
+so the backend keeps what it has seen in <run_dir>/skypilot.json and turns the sequence of
+snapshots into attempts: each RUNNING stretch (one value of last_recovered_at) is an attempt on
+the cloud/region/instance it really ran on, priced from the catalog; RECOVERING closes it as
+preempted, at start + the run seconds SkyPilot added to job_duration; a terminal status closes
+the job. A re-attached CLI reads the same file and continues the numbering.
+
+Progress: the run command mirrors events.jsonl (kept in the checkpoint bucket) into the job log
+with the prefix `[spotune-event] `; poll collects those lines from sky.jobs.tail_logs into
+<run_dir>/events.jsonl. The log route needs no cloud storage credentials or CLIs on this
+machine; after a recovery the new node re-emits the whole synced file, so duplicates are dropped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+from launch.base import BackendError, LaunchRequest, Observation, ObservedAttempt, Placement
+from launch.sky_task import (EVENT_LOG_PREFIX, SkyTaskError, _first_line, build_task,
+                             secrets_from_environment)
+
+STATE_FILE = "skypilot.json"
+QUEUE_FIELDS = ["job_id", "task_id", "job_name", "status", "recovery_count", "submitted_at",
+                "start_at", "end_at", "last_recovered_at", "job_duration", "cloud", "region",
+                "zone", "cluster_resources", "cluster_resources_full", "accelerators",
+                "cluster_name_on_cloud", "details", "failure_reason"]
+JOB_STATE = {"PENDING": "pending", "SUBMITTED": "pending", "STARTING": "pending",
+             "RUNNING": "running", "WINDING_DOWN": "running", "CANCELLING": "running",
+             "RECOVERING": "recovering", "SUCCEEDED": "succeeded", "CANCELLED": "cancelled",
+             "FAILED": "failed", "FAILED_SETUP": "failed", "FAILED_PRECHECKS": "failed",
+             "FAILED_NO_RESOURCE": "failed", "FAILED_CONTROLLER": "failed"}
+FAILURE_LABEL = {"FAILED": "recipe crashed", "FAILED_SETUP": "setup failed",
+                 "FAILED_NO_RESOURCE": "no resources", "FAILED_PRECHECKS": "SkyPilot prechecks failed",
+                 "FAILED_CONTROLLER": "SkyPilot jobs controller failed"}
+END_REASON = {"SUCCEEDED": "finished", "CANCELLED": "cancelled"}
+EVENTS_REFRESH_SECONDS = 60.0
+
+
+class SkyPilotBackend:
+    name = "skypilot"
+
+    def __init__(self, runs_dir: Optional[Path] = None, *, sdk=None, offers: Optional[Sequence] = None,
+                 events_refresh_seconds: float = EVENTS_REFRESH_SECONDS):
+        if runs_dir is None:
+            from orchestrator.settings import state_dir
+            runs_dir = state_dir() / "runs"
+        self._runs_dir = Path(runs_dir)
+        self._sdk = sdk          # the `sky` module, or a test's fake of exactly the calls made here
+        self._offers = offers    # catalog offers for pricing; orchestrator.catalog.load_offers() if None
+        self._events_refresh_seconds = events_refresh_seconds
+        self._run_dirs: dict[str, Path] = {}
+
+    # -- the SDK boundary --------------------------------------------------------------------
+    @property
+    def _sky(self):
+        if self._sdk is None:
+            import sky
+            self._sdk = sky
+        return self._sdk
+
+    def _request(self, what: str, fn, *args, **kwargs):
+        """Send one SDK request and wait for its result; any failure becomes one line."""
+        try:
+            return self._sky.get(fn(*args, **kwargs))
+        except BackendError:
+            raise
+        except Exception as e:
+            raise BackendError(f"SkyPilot {what} failed: {_first_line(e)}") from None
+
+    # -- protocol ----------------------------------------------------------------------------
+    def submit(self, request: LaunchRequest) -> str:
+        from orchestrator.spec import load_spec
+
+        spec = load_spec(request.spec_path)
+        try:
+            task, _skipped = build_task(spec, request.job_id, request.placements,
+                                        secrets=secrets_from_environment(spec), env=request.env)
+        except SkyTaskError as e:  # the ledger records a failed submit, with this reason
+            raise BackendError(str(e)) from None
+        job_ids, _controller = self._request("launch", self._sky.jobs.launch, task, name=request.job_id)
+        if not job_ids:
+            raise BackendError("SkyPilot launch returned no managed job id")
+        external_id = str(job_ids[0])
+        request.run_dir.mkdir(parents=True, exist_ok=True)
+        self._run_dirs[external_id] = request.run_dir
+        self._save(external_id, {
+            "managed_job_id": job_ids[0], "job_id": request.job_id,
+            "placements": [_placement_to_json(p) for p in request.placements],
+            "attempts": [], "accumulated_seconds": 0.0, "events_fetched_at": None, "final": None})
+        return external_id
+
+    def poll(self, external_id: str) -> Observation:
+        state = self._load(external_id)
+        record = self._record(external_id)
+        now = time.time()
+        status = _status_name(record.status)
+        self._observe(state, record, status, now)
+        job_state = JOB_STATE.get(status, "running")
+        detail = _job_detail(status, record)
+        events_path = self._refresh_events(external_id, state, now, force=job_state in ("succeeded", "failed", "cancelled"))
+        self._save(external_id, state)
+        return Observation(state=job_state, attempts=tuple(_attempt_from_json(a) for a in state["attempts"]),
+                           detail=detail, events_path=events_path)
+
+    def cancel(self, external_id: str, *, graceful: bool = True) -> None:
+        # SkyPilot sends SIGTERM to the run command; the recipe checkpoints and exits 75.
+        # graceful=True also waits until MOUNT_CACHED has uploaded that checkpoint.
+        self._request("cancel", self._sky.jobs.cancel, job_ids=[int(external_id)], graceful=graceful)
+
+    def logs(self, external_id: str, *, follow: bool = False) -> Iterator[str]:
+        try:
+            chunks = self._sky.jobs.tail_logs(job_id=int(external_id), follow=follow, preload_content=False)
+            yield from _lines(chunks)
+        except Exception as e:
+            raise BackendError(f"SkyPilot logs failed: {_first_line(e)}") from None
+
+    # -- snapshots -> attempts ---------------------------------------------------------------
+    def _record(self, external_id: str):
+        result = self._request("queue", self._sky.jobs.queue_v2, refresh=False, job_ids=[int(external_id)],
+                               fields=QUEUE_FIELDS)
+        records = result[0] if isinstance(result, tuple) else result
+        for record in records:
+            if record.job_id == int(external_id):
+                return record
+        raise BackendError(f"SkyPilot has no managed job {external_id} (was it launched from another API server?)")
+
+    def _observe(self, state: dict, record, status: str, now: float) -> None:
+        attempts = state["attempts"]
+        last = attempts[-1] if attempts else None
+        open_attempt = last if last and last["ended_at"] is None else None
+        stretch = record.last_recovered_at if (record.last_recovered_at or 0) > 0 else None
+
+        if stretch is not None and (last is None or last["stretch_start"] != stretch):
+            # A RUNNING stretch we have not seen yet; any open one ended when it began (a
+            # recovery that happened entirely between two polls).
+            if open_attempt:
+                _close(open_attempt, stretch, "preempted", "recovered between polls")
+                state["accumulated_seconds"] = None  # unknown from here: ends fall back to poll times
+            attempts.append(self._new_attempt(state, record, len(attempts) + 1, stretch))
+            open_attempt = attempts[-1]
+
+        if open_attempt is None:
+            pass
+        elif status == "RECOVERING":
+            accumulated = state.get("accumulated_seconds")
+            ran = (record.job_duration - accumulated) if (record.job_duration and accumulated is not None) else None
+            end = open_attempt["started_at"] + ran if ran and ran > 0 else now
+            _close(open_attempt, end, "preempted", record.details or "spot preemption or node failure; SkyPilot is recovering")
+            state["accumulated_seconds"] = record.job_duration if accumulated is not None else None
+        elif status in END_REASON or status in FAILURE_LABEL:
+            _close(open_attempt, record.end_at or now, END_REASON.get(status, "failed"), _job_detail(status, record))
+        if status in END_REASON or status in FAILURE_LABEL:
+            state["final"] = status
+
+    def _new_attempt(self, state: dict, record, n: int, started_at: float) -> dict:
+        provider = (record.cloud or "").lower()
+        region = record.region
+        instance_type, spot = _parse_cluster_resources(record.cluster_resources_full or record.cluster_resources or "")
+        accelerators = record.accelerators or {}
+        gpu, gpu_count = (next(iter(accelerators.items())) if accelerators else (None, 0))
+        price, note = self._price(state, provider, region, instance_type, gpu, int(gpu_count), spot)
+        if gpu is None:  # only a planned placement can say which GPU a torn-down cluster had
+            planned = _planned(state, provider, region, instance_type, spot)
+            gpu, gpu_count = (planned.gpu, planned.gpu_count) if planned else ("unknown", 0)
+        return {"n": n, "provider": provider, "region": region, "instance_type": instance_type,
+                "gpu": gpu, "gpu_count": int(gpu_count), "spot": spot, "price_per_hour": str(price),
+                "started_at": started_at, "stretch_start": started_at, "ended_at": None,
+                "end_reason": None, "external_id": record.cluster_name_on_cloud, "detail": note}
+
+    def _price(self, state, provider, region, instance_type, gpu, gpu_count, spot) -> tuple[Decimal, Optional[str]]:
+        """The catalog price of the offer the attempt really ran on (whole instance, USD/h)."""
+        for offer in self._catalog():
+            if (offer.provider == provider and offer.region == region
+                    and (offer.instance_type == instance_type if instance_type
+                         else (offer.gpu, offer.gpu_count) == (gpu, gpu_count))):
+                price = offer.price(spot)
+                if price is not None:
+                    return price, None
+        planned = _planned(state, provider, region, instance_type, spot)
+        if planned is not None:
+            return planned.price_per_hour, "price from the plan: offer not in the catalog"
+        raise BackendError(f"no catalog price for {provider}/{region} {instance_type or gpu}"
+                           f"{' spot' if spot else ''}: refresh the catalog and poll again")
+
+    def _catalog(self) -> Sequence:
+        if self._offers is None:
+            from orchestrator.catalog import load_offers
+            self._offers = load_offers()
+        return self._offers
+
+    # -- events via the job log --------------------------------------------------------------
+    def _refresh_events(self, external_id: str, state: dict, now: float, force: bool) -> Optional[Path]:
+        events_path = self._run_dir(external_id) / "events.jsonl"
+        fetched_at = state.get("events_fetched_at")
+        due = fetched_at is None or now - fetched_at >= self._events_refresh_seconds
+        if state["attempts"] and (due or (force and not state.get("events_final"))):
+            self.fetch_events(external_id)
+            state["events_fetched_at"] = now
+            state["events_final"] = force
+        return events_path if events_path.exists() else None
+
+    def fetch_events(self, external_id: str) -> Path:
+        """Rebuild <run_dir>/events.jsonl from the `[spotune-event]` lines of the job log."""
+        events_path = self._run_dir(external_id) / "events.jsonl"
+        known = events_path.read_text().splitlines() if events_path.exists() else []
+        seen = set(known)
+        for line in self.logs(external_id, follow=False):
+            _, marker, event = line.partition(EVENT_LOG_PREFIX)
+            event = event.strip()
+            if marker and event and event not in seen and _is_json_object(event):
+                seen.add(event)
+                known.append(event)
+        tmp = events_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in known))
+        os.replace(tmp, events_path)
+        return events_path
+
+    # -- state file --------------------------------------------------------------------------
+    def _run_dir(self, external_id: str) -> Path:
+        if external_id not in self._run_dirs:
+            for path in sorted(self._runs_dir.glob(f"*/{STATE_FILE}")):
+                try:
+                    if str(json.loads(path.read_text()).get("managed_job_id")) == external_id:
+                        self._run_dirs[external_id] = path.parent
+                        break
+                except (OSError, ValueError):
+                    continue
+            else:
+                raise BackendError(f"no run directory under {self._runs_dir} knows SkyPilot managed job {external_id}")
+        return self._run_dirs[external_id]
+
+    def _load(self, external_id: str) -> dict:
+        return json.loads((self._run_dir(external_id) / STATE_FILE).read_text())
+
+    def _save(self, external_id: str, state: dict) -> None:
+        path = self._run_dir(external_id) / STATE_FILE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, path)
+
+
+def _status_name(status) -> str:
+    return getattr(status, "value", status) or "PENDING"
+
+
+def _job_detail(status: str, record) -> Optional[str]:
+    reason = record.failure_reason or record.details
+    if status in FAILURE_LABEL:
+        return f"{FAILURE_LABEL[status]}: {reason}" if reason else FAILURE_LABEL[status]
+    return record.details
+
+
+def _close(attempt: dict, ended_at: float, reason: str, detail: Optional[str]) -> None:
+    attempt["ended_at"] = ended_at
+    attempt["end_reason"] = reason
+    if detail:
+        attempt["detail"] = f"{attempt['detail']}; {detail}" if attempt.get("detail") else detail
+
+
+_RESOURCES = re.compile(r"(\[spot\])?\((.*)\)")
+
+
+def _parse_cluster_resources(text: str) -> tuple[Optional[str], bool]:
+    """'1x[spot](gpus=A10G:1, cpus=4, mem=16, g5.xlarge, disk=256)' -> ('g5.xlarge', True).
+
+    The format is SkyPilot's resources_utils.format_resource: key=value elements plus the bare
+    instance type."""
+    match = _RESOURCES.search(text)
+    if not match:
+        return None, "[spot]" in text
+    bare = [e.strip() for e in match.group(2).split(",") if e.strip() and "=" not in e and e.strip() != "..."]
+    return (bare[0] if bare else None), bool(match.group(1))
+
+
+def _planned(state: dict, provider, region, instance_type, spot) -> Optional[Placement]:
+    for raw in state.get("placements", []):
+        p = _placement_from_json(raw)
+        if (p.provider, p.region, p.spot) == (provider, region, spot) and (
+                not instance_type or p.instance_type in (None, instance_type)):
+            return p
+    return None
+
+
+def _placement_to_json(p: Placement) -> dict:
+    return {"provider": p.provider, "region": p.region, "gpu": p.gpu, "gpu_count": p.gpu_count,
+            "spot": p.spot, "price_per_hour": str(p.price_per_hour), "instance_type": p.instance_type}
+
+
+def _placement_from_json(raw: dict) -> Placement:
+    return Placement(**{**raw, "price_per_hour": Decimal(raw["price_per_hour"])})
+
+
+def _utc(ts: Optional[float]) -> Optional[datetime]:
+    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+def _attempt_from_json(a: dict) -> ObservedAttempt:
+    placement = Placement(provider=a["provider"], region=a["region"], gpu=a["gpu"], gpu_count=a["gpu_count"],
+                          spot=a["spot"], price_per_hour=Decimal(a["price_per_hour"]),
+                          instance_type=a["instance_type"])
+    return ObservedAttempt(n=a["n"], placement=placement, started_at=_utc(a["started_at"]),
+                           ended_at=_utc(a["ended_at"]), end_reason=a["end_reason"],
+                           external_id=a["external_id"], detail=a["detail"])
+
+
+def _lines(chunks) -> Iterator[str]:
+    pending = ""
+    for chunk in chunks:
+        if chunk is None:
+            break
+        pending += chunk
+        *complete, pending = pending.split("\n")
+        yield from complete
+    if pending:
+        yield pending
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False

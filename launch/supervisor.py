@@ -1,0 +1,326 @@
+"""The local backend's supervisor: a small detached process that owns one job's recovery.
+
+`python -m launch.supervisor RUN_DIR` reads `RUN_DIR/supervisor.json`, runs the recipe as a
+child process (`python -m recipes.sft SPEC --run-dir RUN_DIR --attempt N`) and records every
+attempt in `RUN_DIR/attempts.jsonl`: a `start` line (placement, time, pid) and an `end` line
+(reason, exit code). On preemption (exit 75, or a signal the supervisor itself sent) it waits
+the restart time and starts the next attempt, which resumes from the newest checkpoint. This is
+what a spot recovery does on a cloud, made to happen on one machine.
+
+The supervisor holds an exclusive flock on `RUN_DIR/supervisor.lock` for its whole life (the
+descriptor is inherited from the process that started it, so there is no moment when the job
+exists but the lock is free); a reader that can take the lock knows the supervisor is gone.
+
+Control: `RUN_DIR/control.json` (`{"action": "stop", "graceful": true}`), written by
+`LocalBackend.cancel`, asks the supervisor to SIGTERM the recipe (so it checkpoints) and stop.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+ATTEMPTS_FILE = "attempts.jsonl"
+CONFIG_FILE = "supervisor.json"
+CONTROL_FILE = "control.json"
+LOCK_FILE = "supervisor.lock"
+EVENTS_FILE = "events.jsonl"
+
+EXIT_PREEMPTED = 75
+EXIT_BAD_INPUT = 2
+TICK_SECONDS = 0.1
+
+
+@dataclass
+class SupervisorConfig:
+    job_id: str
+    spec_path: str
+    placement: dict
+    python: str = sys.executable
+    env: dict = field(default_factory=dict)
+    restart_seconds: float = 3.0
+    simulate_preemptions: int = 0
+    hard: bool = False
+    seed: int = 0
+    max_consecutive_crashes: int = 3
+    # How long a recipe may take to checkpoint and exit after SIGTERM before it is SIGKILLed
+    # (AWS gives a spot instance two minutes, GCP thirty seconds).
+    grace_seconds: float = 120.0
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "SupervisorConfig":
+        return cls(**json.loads((run_dir / CONFIG_FILE).read_text()))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Complete lines only: a line still being written (no newline yet) is not read."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in text.split("\n")[:-1]:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a torn line from a writer that was killed mid-write
+    return records
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    # One write of one line: readers never see half a record.
+    with open(path, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class EventTail:
+    """Reads the recipe's events.jsonl incrementally (the recipe appends, never rewrites)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+        self.partial = ""
+
+    def new_events(self) -> list[dict]:
+        try:
+            with open(self.path) as f:
+                f.seek(self.offset)
+                chunk = f.read()
+                self.offset = f.tell()
+        except FileNotFoundError:
+            return []
+        text = self.partial + chunk
+        lines = text.split("\n")
+        self.partial = lines.pop()
+        events = []
+        for line in lines:
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return events
+
+
+def _die_with_parent() -> None:
+    """In the recipe child: get SIGTERM (checkpoint and exit) if the supervisor dies, so a
+    killed supervisor never leaves an orphan training run burning money."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except OSError:
+        pass  # not Linux: the orphan is then found by poll ("supervisor died")
+
+
+def _last_line(path: Path, limit: int = 240) -> str:
+    try:
+        lines = [l.strip() for l in path.read_text(errors="replace").splitlines() if l.strip()]
+    except FileNotFoundError:
+        return ""
+    return lines[-1][:limit] if lines else ""
+
+
+class InjectionPlan:
+    """When to preempt the current attempt: after it has logged a seeded random step, so each
+    simulated preemption costs real work (lost with SIGKILL, checkpointed with SIGTERM)."""
+
+    def __init__(self, count: int, seed: int):
+        self.left = count
+        self.rng = random.Random(seed)
+        self.trigger_step: Optional[int] = None
+
+    def arm(self, start_step: int, total_steps: Optional[int]) -> None:
+        self.trigger_step = None
+        if self.left <= 0:
+            return
+        if total_steps is None or total_steps - start_step < 2:
+            self.trigger_step = start_step + 1
+            return
+        # Spread the remaining preemptions over the remaining steps; always before the last.
+        span = max(1, (total_steps - start_step - 1) // self.left)
+        self.trigger_step = start_step + self.rng.randint(1, span)
+
+    def due(self, step: int) -> bool:
+        return self.trigger_step is not None and step >= self.trigger_step
+
+
+class Supervisor:
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.cfg = SupervisorConfig.load(run_dir)
+        self.attempts_path = run_dir / ATTEMPTS_FILE
+        self.logs_dir = run_dir / "logs"
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.injections = InjectionPlan(self.cfg.simulate_preemptions, self.cfg.seed)
+        self.stop_requested: Optional[dict] = None
+
+    # --- control -------------------------------------------------------------------------
+    def _check_control(self) -> Optional[dict]:
+        if self.stop_requested is None:
+            path = self.run_dir / CONTROL_FILE
+            if path.exists():
+                try:
+                    self.stop_requested = json.loads(path.read_text())
+                except (json.JSONDecodeError, OSError):
+                    return None  # being written; read it on the next tick
+        return self.stop_requested
+
+    def _on_sigterm(self, signum, frame) -> None:
+        # Someone stopped the supervisor itself (shutdown, kill): stop the job gracefully.
+        self.stop_requested = {"action": "stop", "graceful": True, "by": f"signal {signum}"}
+
+    # --- one attempt ---------------------------------------------------------------------
+    def _start(self, n: int) -> subprocess.Popen:
+        cmd = [self.cfg.python, "-m", "recipes.sft", self.cfg.spec_path,
+               "--run-dir", str(self.run_dir), "--attempt", str(n)]
+        env = {**os.environ, **self.cfg.env, "SPOTUNE_ATTEMPT": str(n), "PYTHONUNBUFFERED": "1"}
+        log = open(self.logs_dir / f"attempt-{n}.log", "ab")
+        proc = subprocess.Popen(cmd, cwd=self.run_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        log.close()
+        append_jsonl(self.attempts_path, {"record": "start", "attempt": n, "time": time.time(),
+                                          "pid": proc.pid, "placement": self.cfg.placement})
+        return proc
+
+    def _watch(self, n: int, proc: subprocess.Popen, tail: EventTail) -> tuple[Optional[str], Optional[int]]:
+        """Wait for the attempt to end. Returns (why we signalled it, the signal), if we did."""
+        sent: Optional[str] = None
+        sent_signal: Optional[int] = None
+        sent_at = 0.0
+        while proc.poll() is None:
+            for ev in tail.new_events():
+                if ev.get("attempt") != n:
+                    continue
+                if ev.get("event") == "start":
+                    self.injections.arm(ev.get("resumed_from_step") or 0, ev.get("total_steps"))
+                elif ev.get("event") == "step" and sent is None and self.injections.due(int(ev.get("step", 0))):
+                    sent_signal = signal.SIGKILL if self.cfg.hard else signal.SIGTERM
+                    sent, sent_at = "preempt", time.time()
+                    self.injections.left -= 1
+                    self.injections.trigger_step = None
+                    proc.send_signal(sent_signal)
+            stop = self._check_control()
+            if stop is not None and sent != "stop":
+                graceful = stop.get("graceful", True)
+                if sent is None or not graceful:  # a preemption SIGTERM already asks for a checkpoint
+                    sent_signal = signal.SIGTERM if graceful else signal.SIGKILL
+                    sent_at = time.time()
+                    proc.send_signal(sent_signal)
+                sent = "stop"
+            if sent is not None and sent_signal == signal.SIGTERM and time.time() - sent_at > self.cfg.grace_seconds:
+                proc.kill()
+                sent_signal = signal.SIGKILL
+            time.sleep(TICK_SECONDS)
+        tail.new_events()  # consume this attempt's last events
+        return sent, sent_signal
+
+    def _classify(self, n: int, rc: int, sent: Optional[str], sent_signal: Optional[int]) -> tuple[str, str]:
+        """(end reason, one-line detail) for an attempt that exited with rc."""
+        by_our_signal = sent is not None and (rc == EXIT_PREEMPTED or rc == -int(sent_signal or 0))
+        how = f"exit {rc}" if rc >= 0 else f"killed by {signal.Signals(-rc).name}"
+        if rc == 0:
+            return "finished", how
+        if sent == "stop" and by_our_signal:
+            return "cancelled", how
+        if sent == "preempt" and by_our_signal:
+            name = signal.Signals(sent_signal).name
+            return "preempted", f"simulated preemption ({name}), {how}"
+        if rc == EXIT_PREEMPTED:
+            return "preempted", how
+        return "failed", f"{how}: {self._failure_message(n)}"
+
+    def _failure_message(self, n: int) -> str:
+        errors = [e for e in read_jsonl(self.run_dir / EVENTS_FILE)
+                  if e.get("event") == "error" and e.get("attempt") == n]
+        if errors:
+            return str(errors[-1].get("message", ""))[:240]
+        return _last_line(self.logs_dir / f"attempt-{n}.log") or "no output"
+
+    def _end_job(self, state: str, detail: str) -> None:
+        append_jsonl(self.attempts_path, {"record": "job_end", "state": state, "detail": detail, "time": time.time()})
+
+    def _wait_restart(self) -> bool:
+        """Sleep the restart time; False if a stop was requested meanwhile."""
+        deadline = time.time() + self.cfg.restart_seconds
+        while time.time() < deadline:
+            if self._check_control() is not None:
+                return False
+            time.sleep(min(TICK_SECONDS, max(0.0, deadline - time.time())))
+        return self._check_control() is None
+
+    # --- the job -------------------------------------------------------------------------
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.signal(signal.SIGINT, self._on_sigterm)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        previous = [r for r in read_jsonl(self.attempts_path) if r.get("record") == "start"]
+        n = max((r["attempt"] for r in previous), default=0)
+        tail = EventTail(self.run_dir / EVENTS_FILE)
+        tail.new_events()  # events of earlier attempts never trigger anything
+        crashes_in_a_row = 0
+        while True:
+            if self._check_control() is not None:
+                self._end_job("cancelled", "cancelled before the next attempt started")
+                return 0
+            n += 1
+            proc = self._start(n)
+            sent, sent_signal = self._watch(n, proc, tail)
+            rc = proc.returncode
+            reason, detail = self._classify(n, rc, sent, sent_signal)
+            append_jsonl(self.attempts_path, {"record": "end", "attempt": n, "time": time.time(),
+                                              "reason": reason, "exit_code": rc, "detail": detail})
+            if reason == "finished":
+                self._end_job("succeeded", f"finished in {n} attempt{'s' if n > 1 else ''}")
+                return 0
+            if reason == "cancelled" or (self.stop_requested is not None and reason != "preempted"):
+                self._end_job("cancelled", "cancelled; the recipe checkpointed first" if reason == "cancelled"
+                              else f"cancelled; last attempt {detail}")
+                return 0
+            if reason == "failed":
+                if rc == EXIT_BAD_INPUT:
+                    self._end_job("failed", f"bad input: {self._failure_message(n)}")
+                    return 0
+                crashes_in_a_row += 1
+                if crashes_in_a_row >= self.cfg.max_consecutive_crashes:
+                    self._end_job("failed", f"recipe crashed {crashes_in_a_row} times in a row; last: {detail}")
+                    return 0
+            else:
+                crashes_in_a_row = 0
+            if not self._wait_restart():
+                self._end_job("cancelled", "cancelled while waiting to restart")
+                return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m launch.supervisor RUN_DIR", file=sys.stderr)
+        return 2
+    run_dir = Path(argv[0]).resolve()
+    try:
+        supervisor = Supervisor(run_dir)
+    except (OSError, json.JSONDecodeError, TypeError) as e:
+        print(f"error: cannot read {run_dir / CONFIG_FILE}: {e}", file=sys.stderr)
+        return 2
+    try:
+        return supervisor.run()
+    except Exception as e:  # recorded, so poll reports why instead of "supervisor died"
+        supervisor._end_job("failed", f"supervisor error: {type(e).__name__}: {e}")
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

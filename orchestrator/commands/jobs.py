@@ -1,0 +1,281 @@
+"""`spotune launch | status | logs | cancel | resume`: a job's life from the command line.
+
+Bad input (missing spec, unknown backend or job, no feasible option) is found before anything is
+written: spec, backend and plan come first, the ledger is opened only to record a job that will
+really be submitted.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import typer
+
+if TYPE_CHECKING:
+    from orchestrator.jobs import Tick
+    from orchestrator.ledger import Ledger
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _state_dir() -> Path:
+    from orchestrator.cli import Globals
+    from orchestrator.settings import state_dir
+
+    return state_dir(Globals.state_dir)
+
+
+def _ledger() -> "Ledger":
+    from orchestrator.cli import Globals
+    from orchestrator.ledger import Ledger
+    from orchestrator.settings import db_url
+
+    return Ledger(db_url(Globals.db, _state_dir()))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _where(a) -> str:
+    kind = "" if a.provider == "local" else (" spot" if a.spot else " on-demand")
+    count = f"{a.gpu_count}x" if a.gpu_count > 1 else ""
+    return f"{a.provider}/{a.region} {count}{a.gpu}{kind} at ${a.price_per_hour:,.2f}/h"
+
+
+class ProgressPrinter:
+    """Prints what changed since the last tick: attempt starts and ends, progress every 10%."""
+
+    def __init__(self, console):
+        self.console = console
+        self.started: set[int] = set()
+        self.ended: set[int] = set()
+        self.last_decile = -1
+        self.status: Optional[str] = None
+
+    def __call__(self, tick: "Tick") -> None:
+        p = tick.progress
+        for a in tick.attempts:
+            if a.n not in self.started and (a.n in p.started_attempts or a.ended_at is not None):
+                self.started.add(a.n)
+                resumed = f", resuming from step {a.resumed_from_step}" if a.resumed_from_step else ""
+                self.console.print(f"[bold]attempt {a.n}[/] started on {_where(a)}{resumed}")
+        if p.step is not None and p.total_steps:
+            decile = min(10, p.step * 10 // p.total_steps)
+            if decile > self.last_decile:
+                self.last_decile = decile
+                tps = f" · {p.tokens_per_second:,.0f} tokens/s" if p.tokens_per_second else ""
+                loss = f" · loss {p.loss:.3f}" if p.loss is not None else ""
+                self.console.print(f"  step {p.step}/{p.total_steps}{loss}{tps} · spent ${tick.spent:,.4f}")
+        for a in tick.attempts:
+            if a.ended_at is not None and a.n not in self.ended:
+                self.ended.add(a.n)
+                self.started.add(a.n)
+                seconds = (a.ended_at - a.started_at).total_seconds()
+                cost = a.price_per_hour * type(a.price_per_hour)(str(seconds / 3600))
+                colour = {"finished": "green", "preempted": "yellow"}.get(a.end_reason, "red")
+                self.console.print(f"[bold]attempt {a.n}[/] [{colour}]{a.end_reason}[/] after {_duration(seconds)}"
+                                   f" · ${cost:,.4f} · {a.detail or ''}")
+                self.last_decile = -1 if a.end_reason == "preempted" else self.last_decile
+        if tick.job.status != self.status:
+            self.status = tick.job.status
+            if tick.job.status in ("recovering", "over_budget", "failed", "cancelled"):
+                why = tick.job.failure_reason or tick.detail
+                self.console.print(f"job [bold]{tick.job.status}[/]" + (f": {why}" if why else ""))
+
+
+def render_job(console, ledger: "Ledger", job_id: str) -> None:
+    """The job's ledger entry: estimate against actual, the variance split, and every attempt."""
+    from rich.table import Table
+
+    from orchestrator.reconcile import reconcile_job
+
+    job = ledger.get_job(job_id)
+    rec = reconcile_job(ledger, job.id)
+    est = job.estimate
+    console.print(f"\n[bold]{job.id}[/] · {job.status} · {job.backend} · {job.model} {job.method}"
+                  + (f" · budget ${job.budget:,.2f}" if job.budget is not None else ""))
+    if job.failure_reason:
+        console.print(f"  reason: {job.failure_reason}")
+    table = Table(title="estimate vs actual", title_justify="left")
+    for column in ("", "estimate", "actual"):
+        table.add_column(column, justify="right" if column else "left")
+    actual_price = ", ".join(sorted({f"${a.price_per_hour:,.2f}" for a in rec.attempts})) or "-"
+    table.add_row("where", f"{est.provider}/{est.region} {est.gpu_count}x{est.gpu}{' spot' if est.spot else ''}",
+                  ", ".join(sorted({_where(a) for a in ledger.attempts(job.id)})) or "-")
+    table.add_row("$/h", f"${est.price_per_hour:,.2f}", actual_price)
+    table.add_row("tokens", f"{est.total_tokens:,}", f"{rec.tokens:,}" if rec.tokens is not None else "-")
+    table.add_row("tokens/s", f"{est.tokens_per_second:,.0f}",
+                  f"{rec.tokens_per_second:,.0f}" if rec.tokens_per_second is not None else "-")
+    table.add_row("hours", f"{rec.estimate_hours:.4f}", f"{float(rec.actual_hours):.4f}")
+    table.add_row("attempts / preemptions", "1", f"{len(rec.attempts)} / {rec.preemptions}")
+    table.add_row("cost", f"${rec.estimate_cost:,.2f}", f"${rec.actual_cost:,.2f}" + (" so far" if rec.open else ""))
+    console.print(table)
+    attempts = Table(title="attempts", title_justify="left")
+    for column in ("#", "where", "wall", "cost", "end", "resumed from", "tokens", "detail"):
+        attempts.add_column(column)
+    by_n = {c.n: c for c in rec.attempts}
+    for a in ledger.attempts(job.id):
+        c = by_n[a.n]
+        attempts.add_row(str(a.n), _where(a), _duration(float(c.hours) * 3600), f"${c.cost:,.4f}",
+                         a.end_reason or "running", "-" if a.resumed_from_step is None else str(a.resumed_from_step),
+                         "-" if a.tokens is None else f"{a.tokens:,}", a.detail or "")
+    console.print(attempts)
+    console.print(f"variance: {rec.story()}")
+
+
+def _watch(console, ledger: "Ledger", watcher, job_id: str) -> int:
+    try:
+        final = watcher.watch(on_tick=ProgressPrinter(console))
+    except KeyboardInterrupt:
+        console.print(f"\nstopped watching; the job keeps running. Re-attach with: spotune resume {job_id}")
+        raise typer.Exit(130)
+    render_job(console, ledger, job_id)
+    return 0 if final.job.status == "succeeded" else 1
+
+
+def _dry_run(console, spec_path: Path, spec, backend, plan, chosen) -> None:
+    from orchestrator.jobs import placements_for
+
+    console.print(f"[bold]dry run[/]: would record job '{spec.name}' with the estimate above and submit it to {backend.name}; nothing written.")
+    if backend.name == "local":
+        console.print(f"  supervisor: python -m launch.supervisor <state>/runs/<job-id>   (detached; restarts after preemption)")
+        console.print(f"  recipe:     python -m recipes.sft <run-dir>/spec.yaml --run-dir <run-dir> --attempt N")
+        console.print(f"  placement:  {_where(placements_for(plan, chosen)[0])}")
+        return
+    if backend.name == "skypilot":
+        from launch.sky_task import render_task_yaml
+
+        console.print(render_task_yaml(spec, plan, f"{spec.name}-dry-run"), markup=False, soft_wrap=True)
+        return
+    console.print(f"  placement:  {_where(placements_for(plan, chosen)[0])}")
+
+
+def launch(
+    spec: Path = typer.Argument(..., help="Job spec YAML."),
+    backend: str = typer.Option("local", "--backend", "-b", help="Where to run: local, skypilot or ray."),
+    option: Optional[int] = typer.Option(None, "--option", help="Plan option to launch (rank; default: the best)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be launched; write nothing."),
+    detach: bool = typer.Option(False, "--detach", help="Submit and return; watch later with `spotune resume JOB`."),
+    price_per_hour: Optional[float] = typer.Option(None, "--price-per-hour", help="Local backend: what an hour of this machine costs (default: spec local.price_per_hour)."),
+    simulate_preemptions: int = typer.Option(0, "--simulate-preemptions", help="Local backend: preempt the training process N times at seeded random steps."),
+    hard: bool = typer.Option(False, "--hard", help="Simulated preemptions send SIGKILL (no checkpoint) instead of SIGTERM."),
+    seed: int = typer.Option(0, "--seed", help="Seed for when simulated preemptions happen."),
+    restart_seconds: Optional[float] = typer.Option(None, "--restart-seconds", help="Local backend: wait before restarting after a preemption (default 3)."),
+    poll_seconds: float = typer.Option(1.0, "--poll-seconds", help="How often to poll the backend while watching."),
+) -> None:
+    """Plan, record the estimate, launch, and watch the job to the end (ledger: estimate vs actual)."""
+    from orchestrator import jobs
+    from orchestrator.spec import load_spec
+
+    console = _console()
+    job_spec = load_spec(spec)
+    local_options = {"simulate_preemptions": simulate_preemptions, "hard": hard, "seed": seed}
+    if restart_seconds is not None:
+        local_options["restart_seconds"] = restart_seconds
+    if backend == "local" and simulate_preemptions < 0:
+        raise jobs.JobError("--simulate-preemptions must be 0 or more")
+    chosen_backend = jobs.make_backend(backend, _state_dir(), **local_options)
+    plan = jobs.make_job_plan(job_spec, backend, price_per_hour)
+    chosen = jobs.choose_option(plan, option)
+    console.print(f"[bold]plan[/] {plan.job}: {plan.model_name} {plan.method}, {plan.total_tokens:,} tokens · "
+                  f"option {chosen.rank} of {len(plan.options)}: {_where(jobs.placement_of(chosen))}"
+                  f" · {chosen.tokens_per_second:,.0f} tokens/s · {chosen.expected_hours:.4f} h · "
+                  f"expected ${chosen.expected_cost:,.2f}")
+    if dry_run:
+        _dry_run(console, spec, job_spec, chosen_backend, plan, chosen)
+        return
+    ledger = _ledger()
+    submitted = jobs.submit_job(ledger, spec, job_spec, chosen_backend, plan, chosen, _state_dir())
+    console.print(f"job [bold]{submitted.job_id}[/] submitted to {backend} ({submitted.external_id})")
+    if detach:
+        console.print(f"watch it with: spotune resume {submitted.job_id}   (or spotune status / logs {submitted.job_id})")
+        return
+    watcher = jobs.Watcher(ledger, submitted.job_id, chosen_backend, submitted.external_id, poll_seconds)
+    raise typer.Exit(_watch(console, ledger, watcher, submitted.job_id))
+
+
+def status(job: Optional[str] = typer.Argument(None, help="Job id (or a unique prefix); all jobs when left out.")) -> None:
+    """A table of jobs, or one job's detail (synced with its backend first)."""
+    from rich.table import Table
+
+    from orchestrator.ledger_models import TERMINAL_STATUSES
+    from orchestrator.reconcile import reconcile_job
+
+    console, ledger = _console(), _ledger()
+    if job is not None:
+        record = ledger.get_job(job)
+        if record.status not in TERMINAL_STATUSES and record.external_id is not None:
+            from orchestrator.jobs import attach
+
+            attach(ledger, record.id, state_dir=_state_dir()).sync()
+        render_job(console, ledger, record.id)
+        return
+    records = ledger.list_jobs()
+    if not records:
+        console.print("no jobs in the ledger yet: spotune launch SPEC.yaml")
+        return
+    table = Table()
+    for column in ("job", "status", "backend", "created", "attempts", "estimate", "actual"):
+        table.add_column(column, justify="right" if column in ("attempts", "estimate", "actual") else "left")
+    for r in records:
+        rec = reconcile_job(ledger, r.id)
+        table.add_row(r.id, r.status, r.backend, f"{r.created_at:%Y-%m-%d %H:%M}", str(len(rec.attempts)),
+                      f"${rec.estimate_cost:,.2f}", f"${rec.actual_cost:,.2f}")
+    console.print(table)
+
+
+def logs(job: str = typer.Argument(..., help="Job id (or a unique prefix)."),
+         follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends.")) -> None:
+    """The recipe's output, attempt by attempt."""
+    from orchestrator.jobs import attach
+
+    watcher = attach(_ledger(), job, state_dir=_state_dir())
+    try:
+        for line in watcher.backend.logs(watcher.external_id, follow=follow):
+            typer.echo(line)
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+
+
+def cancel(job: str = typer.Argument(..., help="Job id (or a unique prefix)."),
+           wait: float = typer.Option(300.0, "--wait", help="Seconds to wait for the checkpoint and stop.")) -> None:
+    """Stop a job gracefully: the recipe checkpoints first, then the job is marked cancelled."""
+    from orchestrator.jobs import cancel_job
+    from orchestrator.ledger_models import TERMINAL_STATUSES
+
+    console, ledger = _console(), _ledger()
+    record = ledger.get_job(job)
+    if record.status in TERMINAL_STATUSES:
+        console.print(f"job {record.id} already ended: {record.status}")
+        return
+    final = cancel_job(ledger, record.id, wait_seconds=wait, state_dir=_state_dir())
+    if final.job.status not in TERMINAL_STATUSES:
+        console.print(f"job {record.id} is still stopping after {wait:.0f} s (status {final.job.status}); "
+                      f"check again with: spotune status {record.id}")
+        raise typer.Exit(1)
+    console.print(f"job {record.id}: {final.job.status}" + (f" ({final.job.failure_reason})" if final.job.failure_reason else ""))
+
+
+def resume(job: str = typer.Argument(..., help="Job id (or a unique prefix)."),
+           poll_seconds: float = typer.Option(1.0, "--poll-seconds", help="How often to poll the backend.")) -> None:
+    """Re-attach to a job (after the CLI died or was detached) and watch it to the end."""
+    from orchestrator.jobs import attach
+
+    console, ledger = _console(), _ledger()
+    watcher = attach(ledger, job, poll_seconds=poll_seconds, state_dir=_state_dir())
+    console.print(f"re-attached to [bold]{watcher.job_id}[/] on {ledger.get_job(watcher.job_id).backend} ({watcher.external_id})")
+    raise typer.Exit(_watch(console, ledger, watcher, watcher.job_id))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("launch")(launch)
+    app.command("status")(status)
+    app.command("logs")(logs)
+    app.command("cancel")(cancel)
+    app.command("resume")(resume)

@@ -1,0 +1,189 @@
+"""Memory per GPU of one training step: model states, activations, logits, runtime overhead.
+
+The activation model follows the tensors autograd keeps for backward in transformers' Llama
+layer (RMSNorm computed in fp32, SDPA attention, gated MLP) and PEFT's LoRA layers (adapters in
+fp32, so each adapter keeps an fp32 copy of its input). Logits are fp32 over the vocabulary and
+dominate small models. The figures that depend on the training loop (bytes per parameter, logits
+bytes, QLoRA's fp32 upcast) come from calibration.yaml; tests/test_estimate.py holds the model
+to every anchor run's measured peak within 15%.
+
+Model states are sharded over the GPUs of one instance (FSDP full shard / ZeRO-3) for every
+method; activations are per GPU, for its own micro-batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from orchestrator.estimate import GIB, Calibration
+from orchestrator.models import LINEAR_MODULES, ModelArch
+
+# Which projections read which tensor: q/k/v read the attention norm's output, gate/up the MLP norm's.
+_ATTN_IN = ("q_proj", "k_proj", "v_proj")
+_MLP_IN = ("gate_proj", "up_proj")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per GPU at the step's peak; `peak_allocated` is what torch.cuda.max_memory_allocated reports."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    fsdp_buffers: float
+    activations: float
+    logits: float
+    runtime: float
+    micro_batch: int
+    gradient_checkpointing: bool
+    gpu_count: int
+
+    @property
+    def peak_allocated(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.fsdp_buffers + self.activations + self.logits
+
+    @property
+    def total(self) -> float:
+        return self.peak_allocated + self.runtime
+
+    @property
+    def total_gib(self) -> float:
+        return self.total / GIB
+
+    def breakdown(self) -> list[tuple[str, float]]:
+        """(item, GiB) lines, in the order --explain prints them."""
+        return [(item, value / GIB) for item, value in (
+            ("weights", self.weights), ("gradients", self.gradients), ("optimizer states", self.optimizer),
+            ("FSDP gather buffers", self.fsdp_buffers), ("activations", self.activations),
+            ("logits + loss", self.logits), ("runtime (CUDA context, allocator slack)", self.runtime))]
+
+
+def _targets(target_modules) -> tuple[str, ...]:
+    return LINEAR_MODULES if target_modules == "all-linear" else tuple(t for t in target_modules if t in LINEAR_MODULES)
+
+
+def _qlora_upcast(method: str, cal: Calibration) -> bool:
+    return method == "qlora" and bool(cal.recipe.get("qlora_fp32_upcast"))
+
+
+def activation_bytes_per_token_layer(arch: ModelArch, method: str, target_modules, lora_dropout: float,
+                                     cal: Calibration) -> float:
+    """Bytes one layer keeps for backward per token (no checkpointing)."""
+    h, q, kv, i = arch.hidden, arch.q_dim, arch.kv_dim, arch.intermediate
+    a = 4 if _qlora_upcast(method, cal) else 2          # bytes of the residual stream / hidden states
+    if method == "full":
+        # per norm: fp32 copy (4h) + normalized input of the weight multiply (2h) + output read by the linears (2h)
+        norms = 2 * (4 * h + 2 * h + 2 * h)
+        attention = 2 * q + 4 * kv + 2 * q + 2 * q        # q, k, v, output (SDPA) + o_proj input
+        mlp = 2 * i * 3 + 2 * i                           # SiLU input, its output, up output + down input
+        return norms + attention + mlp
+    targets = _targets(target_modules)
+    shapes = arch.projection_shapes()
+    # Frozen base linears keep nothing; each adapter keeps its input in fp32 (PEFT casts it),
+    # plus a dropout mask. When hidden states are already fp32 the cast is a no-op and shared.
+    dropout_mask = 1 if lora_dropout > 0 else 0
+
+    def adapter_inputs(names) -> float:
+        hit = [n for n in names if n in targets]
+        if not hit:
+            return 0
+        d_in = shapes[hit[0]][0]
+        if a == 4 and not dropout_mask:
+            return 4 * d_in
+        return len(hit) * (4 + dropout_mask) * d_in
+
+    norms = 2 * (4 * h)                                   # the fp32 copy each RMSNorm keeps
+    attention = a * q + 2 * a * kv + a * q                # q, k, v, output kept by SDPA
+    mlp = 3 * a * i                                       # SiLU input, its output, up output
+    adapters = (adapter_inputs(_ATTN_IN) + adapter_inputs(("o_proj",)) + adapter_inputs(_MLP_IN)
+                + adapter_inputs(("down_proj",)))
+    return norms + attention + mlp + adapters
+
+
+def model_state_bytes(arch: ModelArch, method: str, lora_r: int, target_modules, cal: Calibration) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer) bytes for the whole model, before sharding."""
+    n = arch.params
+    if method == "full":
+        b = cal.recipe["full_bytes_per_param"]
+        return n * b["weights"], n * b["gradients"], n * b["optimizer"]
+    adapter = arch.lora_params(lora_r, target_modules)
+    ab = cal.recipe["adapter_bytes_per_param"]
+    if method == "lora":
+        base = 2 * n
+    else:
+        quantized = arch.linear_params
+        kept_bytes = 4 if _qlora_upcast(method, cal) else 2
+        base = (quantized * (cal.recipe["nf4_bytes_per_param"] + cal.recipe["nf4_constants_bytes_per_param"])
+                + (n - quantized) * kept_bytes)
+    return base + adapter * ab["weights"], adapter * ab["gradients"], adapter * ab["optimizer"]
+
+
+def estimate_memory(arch: ModelArch, method: str, *, seq_len: int, micro_batch: int, gradient_checkpointing: bool,
+                    gpu_count: int, cal: Calibration, lora_r: int = 16, target_modules="all-linear",
+                    lora_dropout: float = 0.0) -> MemoryEstimate:
+    tokens = micro_batch * seq_len
+    weights, grads, optim = model_state_bytes(arch, method, lora_r, target_modules, cal)
+    fsdp = 0.0
+    if gpu_count > 1:
+        weights, grads, optim = weights / gpu_count, grads / gpu_count, optim / gpu_count
+        # FSDP gathers one layer's full weights and prefetches the next: two layers in 16 bits.
+        fsdp = 2 * 2 * (arch.linear_params / arch.layers)
+    per_layer = activation_bytes_per_token_layer(arch, method, target_modules, lora_dropout, cal) * tokens
+    upcast = _qlora_upcast(method, cal)
+    head = "fp32_head" if upcast else "bf16_head"
+    logits = cal.recipe["logits_bytes_per_token_vocab"][head] * arch.vocab * tokens
+    if gradient_checkpointing:
+        # Each layer keeps only its input; backward recomputes one layer at a time. The loss's
+        # backward (logits peak) comes before any recompute, so the larger of the two sets the peak.
+        kept = arch.layers * (4 if upcast else 2) * arch.hidden * tokens
+        if per_layer > logits:
+            kept, logits = kept + per_layer, 0.0
+        activations = kept
+    else:
+        activations = arch.layers * per_layer
+    allocated = weights + grads + optim + fsdp + activations + logits
+    runtime = allocated * cal.runtime["allocator_fragmentation"] + cal.runtime["cuda_context_gib"] * GIB
+    return MemoryEstimate(weights, grads, optim, fsdp, activations, logits, runtime,
+                          micro_batch, gradient_checkpointing, gpu_count)
+
+
+@dataclass(frozen=True)
+class BatchChoice:
+    micro_batch: int
+    gradient_checkpointing: bool
+    memory: MemoryEstimate
+
+
+def _micro_candidates(fixed: Optional[int], limit: int) -> list[int]:
+    if fixed is not None:
+        return [fixed]
+    sizes, m = [], 1
+    while m <= limit:
+        sizes.append(m)
+        m *= 2
+    return sizes[::-1]
+
+
+def choose_batch(arch: ModelArch, method: str, *, seq_len: int, global_batch: int, micro: Optional[int],
+                 checkpointing: Optional[bool], gpu_count: int, vram_gb: Optional[float], cal: Calibration,
+                 lora_r: int = 16, target_modules="all-linear", lora_dropout: float = 0.0,
+                 memo: Optional[dict] = None) -> tuple[Optional[BatchChoice], MemoryEstimate]:
+    """The largest power-of-two micro-batch that fits (or the spec's fixed one), without gradient
+    checkpointing when possible (it costs a recomputed forward). Returns (choice or None, the
+    smallest configuration tried, for the "does not fit" detail). vram_gb None: nothing is checked.
+    `memo`, keyed by (gpu_count, micro, checkpointing), shares estimates across GPU types of one job."""
+    limit = max(1, global_batch // gpu_count)
+    modes = [False, True] if checkpointing is None else [checkpointing]
+    smallest = None
+    memo = {} if memo is None else memo   # memory does not depend on the GPU: share it across GPU types
+    for ckpt in modes:
+        for mb in _micro_candidates(micro, limit):
+            mem = memo.get((gpu_count, mb, ckpt))
+            if mem is None:
+                mem = memo[(gpu_count, mb, ckpt)] = estimate_memory(
+                    arch, method, seq_len=seq_len, micro_batch=mb, gradient_checkpointing=ckpt, gpu_count=gpu_count,
+                    cal=cal, lora_r=lora_r, target_modules=target_modules, lora_dropout=lora_dropout)
+            if vram_gb is None or mem.total_gib <= vram_gb:
+                return BatchChoice(mb, ckpt, mem), mem
+            smallest = mem
+    return None, smallest

@@ -1,0 +1,53 @@
+"""Time a run spends outside useful training: spot preemptions and checkpoint writes.
+
+    preemption overhead hours = rate/h x compute hours x (checkpoint interval / 2 + restart time)
+
+A preemption loses, on average, half a checkpoint interval of work, then waits for a new
+instance and reloads the checkpoint. Rates and restart times are per provider in
+preemption.yaml. Checkpoint writes pause training on spot and on-demand alike.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from orchestrator.estimate import Calibration
+from orchestrator.models import ModelArch
+
+
+def checkpoint_interval_hours(every_minutes: Optional[float], every_steps: Optional[int],
+                              step_seconds: float, run_hours: float) -> float:
+    """Hours between checkpoints: the sooner of the two triggers; none at all means the whole run."""
+    intervals = []
+    if every_minutes:
+        intervals.append(every_minutes / 60)
+    if every_steps:
+        intervals.append(every_steps * step_seconds / 3600)
+    return min(intervals) if intervals else max(run_hours, 0.0)
+
+
+def checkpoint_bytes(arch: ModelArch, method: str, lora_r: int, target_modules, cal: Calibration) -> float:
+    """What a resumable checkpoint holds: trainable weights and optimizer states (not a frozen base)."""
+    if method == "full":
+        b = cal.recipe["full_bytes_per_param"]
+        return arch.params * (b["weights"] + b["optimizer"])
+    b = cal.recipe["adapter_bytes_per_param"]
+    return arch.lora_params(lora_r, target_modules) * (b["weights"] + b["optimizer"])
+
+
+def checkpoint_write_hours(run_hours: float, interval_hours: float, bytes_per_checkpoint: float,
+                           cal: Calibration) -> float:
+    if interval_hours <= 0 or run_hours <= 0:
+        return 0.0
+    count = int(run_hours // interval_hours)
+    seconds_each = bytes_per_checkpoint / (cal.overheads["checkpoint_write_gb_per_s"] * 1e9)
+    return count * seconds_each / 3600
+
+
+def preemption_overhead_hours(provider: str, run_hours: float, interval_hours: float, cal: Calibration) -> tuple[float, dict]:
+    """(expected extra hours on spot, the figures used) for this provider."""
+    p = cal.preemption(provider)
+    rate = float(p["rate_per_hour"])
+    restart_hours = float(p["restart_minutes"]) / 60
+    extra = rate * run_hours * (interval_hours / 2 + restart_hours)
+    return extra, {"rate_per_hour": rate, "restart_hours": restart_hours, "interval_hours": interval_hours,
+                   "source": p.get("source", "")}

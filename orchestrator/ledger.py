@@ -1,0 +1,425 @@
+"""The ledger: every job, the estimate it was launched on (never rewritten), every attempt with the
+price of the machine it ran on, checkpoints and progress from the recipe's events.jsonl.
+
+`Ledger(url)` opens SQLite (WAL, busy timeout, write transactions take the lock up front so two
+writers queue instead of failing) or PostgreSQL, and migrates the schema to head. Every write is one
+transaction. Reads return frozen records, never live ORM objects.
+"""
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Optional
+
+from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlalchemy.orm import Session
+
+from orchestrator.errors import UserError
+from orchestrator.ledger_events import events_to_rows, insert_ignore, read_new_lines
+from orchestrator.ledger_models import (JOB_STATUSES, Attempt, Checkpoint, Estimate, EventCursor, Job,
+                                        ProgressSample, RunEvent)
+from orchestrator.redact import redact
+
+if TYPE_CHECKING:
+    from launch.base import ObservedAttempt
+    from orchestrator.plan import Plan
+    from orchestrator.spec import JobSpec
+
+__all__ = ["Ledger", "LedgerError", "JobRecord", "EstimateRecord", "AttemptRecord", "CheckpointRecord",
+           "SampleRecord", "RunEventRecord", "JOB_STATUSES", "redact"]
+
+BUSY_TIMEOUT_SECONDS = 60
+
+
+class LedgerError(UserError):
+    """The ledger cannot be opened or a job cannot be found; one line for the user."""
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _record(cls, row, **extra):
+    names = cls.__dataclass_fields__.keys()
+    return cls(**{n: extra[n] if n in extra else getattr(row, n) for n in names})
+
+
+@dataclass(frozen=True)
+class EstimateRecord:
+    plan_json: str
+    chosen_rank: int
+    catalog_snapshot: str
+    provider: str
+    region: str
+    instance_type: str
+    gpu: str
+    gpu_count: int
+    spot: bool
+    price_per_hour: Decimal
+    tokens_per_second: float
+    hours: float
+    preemption_overhead_hours: float
+    expected_cost: Decimal
+    total_tokens: int
+    created_at: datetime
+
+    @property
+    def expected_hours(self) -> float:
+        return self.hours + self.preemption_overhead_hours
+
+    @property
+    def plan(self) -> dict:
+        return json.loads(self.plan_json)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    name: str
+    model: str
+    method: str
+    spec_yaml: str
+    spec_hash: str
+    status: str
+    backend: str
+    budget: Optional[Decimal]
+    external_id: Optional[str]
+    failure_reason: Optional[str]
+    created_at: datetime
+    updated_at: datetime
+    estimate: EstimateRecord
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    n: int
+    provider: str
+    region: str
+    instance_type: Optional[str]
+    gpu: str
+    gpu_count: int
+    spot: bool
+    price_per_hour: Decimal
+    started_at: datetime
+    ended_at: Optional[datetime]
+    end_reason: Optional[str]
+    external_id: Optional[str]
+    tokens: Optional[int]
+    resumed_from_step: Optional[int]
+    detail: Optional[str]
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    attempt: int
+    step: int
+    path: str
+    bytes: Optional[int]
+    seconds: Optional[float]
+    verified: bool
+    time: datetime
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    attempt: int
+    step: int
+    tokens: Optional[int]
+    loss: Optional[float]
+    lr: Optional[float]
+    tokens_per_second: Optional[float]
+    time: datetime
+
+
+@dataclass(frozen=True)
+class RunEventRecord:
+    attempt: int
+    event: str               # start | preempted | finished | error
+    step: Optional[int]
+    tokens: Optional[int]
+    time: datetime
+    payload: dict
+
+
+def normalize_url(url: str) -> str:
+    """`postgresql://` and `postgres://` mean psycopg 3 (the driver spotune ships), not psycopg2."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+class Ledger:
+    def __init__(self, url: str):
+        self.url = normalize_url(url)
+        try:
+            parsed = make_url(self.url)
+        except ArgumentError:
+            raise LedgerError(f"not a database URL: {url!r} (expected sqlite:///PATH or postgresql+psycopg://...)") from None
+        self.display_url = parsed.render_as_string(hide_password=True)
+        self.dialect = parsed.get_backend_name()
+        try:
+            if self.dialect == "sqlite":
+                self._engine = self._sqlite_engine(parsed)
+            else:
+                self._engine = create_engine(parsed, pool_pre_ping=True)
+        except (NoSuchModuleError, ImportError) as e:
+            raise LedgerError(f"unsupported ledger URL {self.display_url}: {e}") from None
+        # Writes on SQLite take the write lock at BEGIN (IMMEDIATE): a deferred transaction that
+        # reads then writes can hit SQLITE_BUSY without waiting when another writer got in between.
+        self._write_engine = self._engine.execution_options(sqlite_begin="IMMEDIATE")
+        try:
+            self._migrate()
+        except OperationalError as e:
+            raise LedgerError(f"cannot open ledger at {self.display_url}: {str(e.orig).strip().splitlines()[0]}") from None
+
+    @staticmethod
+    def _sqlite_engine(parsed):
+        database = parsed.database or ""
+        if database and database != ":memory:":
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(parsed, connect_args={"timeout": BUSY_TIMEOUT_SECONDS})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection, _record):
+            dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
+            cursor = dbapi_connection.cursor()
+            cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_SECONDS * 1000}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn):
+            conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get('sqlite_begin', 'DEFERRED')}")
+
+        return engine
+
+    def _migrate(self) -> None:
+        from orchestrator.migrations import upgrade_to_head
+
+        with self._write_engine.begin() as conn:
+            upgrade_to_head(conn)
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _write(self) -> Session:
+        return Session(self._write_engine, expire_on_commit=False)
+
+    def _read(self) -> Session:
+        return Session(self._engine)
+
+    # ---- jobs -------------------------------------------------------------------------------
+
+    def create_job(self, spec: "JobSpec", spec_yaml: str, backend: str, plan: "Plan", chosen_rank: int) -> str:
+        """Record a job and the estimate it is launched on, in one transaction; return its id."""
+        chosen = next((o for o in plan.options if o.rank == chosen_rank), None)
+        if chosen is None:
+            raise ValueError(f"plan has no option with rank {chosen_rank} (ranks: {[o.rank for o in plan.options]})")
+        now = _now()
+        budget = spec.constraints.budget
+        with self._write() as s, s.begin():
+            job_id = self._new_job_id(s, spec.name, now)
+            s.add(Job(id=job_id, name=spec.name, model=spec.model, method=spec.method, spec_yaml=spec_yaml,
+                      spec_hash=spec.spec_hash(), status="pending", backend=backend,
+                      budget=None if budget is None else Decimal(str(budget)), external_id=None,
+                      failure_reason=None, created_at=now, updated_at=now))
+            s.flush()
+            offer = chosen.offer
+            s.add(Estimate(job_id=job_id, plan_json=json.dumps(plan.to_json(), sort_keys=True),
+                           chosen_rank=chosen_rank, catalog_snapshot=plan.catalog_snapshot,
+                           provider=offer.provider, region=offer.region, instance_type=offer.instance_type,
+                           gpu=offer.gpu, gpu_count=offer.gpu_count, spot=chosen.spot,
+                           price_per_hour=chosen.price_per_hour, tokens_per_second=float(chosen.tokens_per_second),
+                           hours=float(chosen.hours), preemption_overhead_hours=float(chosen.preemption_overhead_hours),
+                           expected_cost=chosen.expected_cost, total_tokens=int(plan.total_tokens),
+                           created_at=now))
+        return job_id
+
+    @staticmethod
+    def _new_job_id(s: Session, name: str, now: datetime) -> str:
+        for _ in range(64):
+            candidate = f"{name}-{now:%Y%m%d}-{secrets.token_hex(2)}"
+            if s.get(Job, candidate) is None:
+                return candidate
+        raise RuntimeError(f"no free job id for {name} on {now:%Y-%m-%d} after 64 tries")
+
+    def set_status(self, job_id: str, status: str, reason: Optional[str] = None) -> None:
+        if status not in JOB_STATUSES:
+            raise ValueError(f"unknown job status {status!r}; expected one of {', '.join(JOB_STATUSES)}")
+        values = {"status": status, "updated_at": _now()}
+        if reason is not None:
+            values["failure_reason"] = redact(reason)
+        self._update_job(job_id, values)
+
+    def set_external_id(self, job_id: str, external_id: str) -> None:
+        self._update_job(job_id, {"external_id": external_id, "updated_at": _now()})
+
+    def _update_job(self, job_id: str, values: dict) -> None:
+        with self._write() as s, s.begin():
+            if s.execute(update(Job).where(Job.id == job_id).values(**values)).rowcount != 1:
+                raise LedgerError(f"no job {job_id!r} in the ledger")
+
+    def get_job(self, job_id_or_prefix: str) -> JobRecord:
+        """The job with this id, or the one job whose id starts with it."""
+        with self._read() as s:
+            job = s.get(Job, job_id_or_prefix)
+            if job is None:
+                escaped = re.sub(r"([\\%_])", r"\\\1", job_id_or_prefix)
+                matches = s.scalars(select(Job).where(Job.id.like(escaped + "%", escape="\\")).order_by(Job.id).limit(6)).all()
+                if not matches:
+                    raise LedgerError(f"no job matching {job_id_or_prefix!r} in the ledger")
+                if len(matches) > 1:
+                    shown = ", ".join(m.id for m in matches[:5])
+                    raise LedgerError(f"{job_id_or_prefix!r} matches several jobs ({shown}{', ...' if len(matches) > 5 else ''}); give more of the id")
+                job = matches[0]
+            return self._job_record(s, job)
+
+    def list_jobs(self) -> list[JobRecord]:
+        with self._read() as s:
+            jobs = s.scalars(select(Job).order_by(Job.created_at, Job.id)).all()
+            estimates = {e.job_id: e for e in s.scalars(select(Estimate)).all()}
+            return [self._job_record(s, j, estimates.get(j.id)) for j in jobs]
+
+    @staticmethod
+    def _job_record(s: Session, job: Job, estimate: Optional[Estimate] = None) -> JobRecord:
+        estimate = estimate or s.get(Estimate, job.id)
+        return _record(JobRecord, job, estimate=_record(EstimateRecord, estimate))
+
+    # ---- attempts and events ------------------------------------------------------------------
+
+    def upsert_attempt(self, job_id: str, observed: "ObservedAttempt") -> None:
+        """Insert attempt (job, n) or update it; end fields are filled in when they appear and
+        never erased by a later observation that lacks them."""
+        p = observed.placement
+        placement = {"provider": p.provider, "region": p.region, "instance_type": p.instance_type, "gpu": p.gpu,
+                     "gpu_count": p.gpu_count, "spot": p.spot, "price_per_hour": p.price_per_hour,
+                     "started_at": observed.started_at}
+        late = {"ended_at": observed.ended_at, "end_reason": observed.end_reason,
+                "external_id": observed.external_id,
+                "detail": None if observed.detail is None else redact(observed.detail)}
+        with self._write() as s, s.begin():
+            if s.get(Job, job_id) is None:
+                raise LedgerError(f"no job {job_id!r} in the ledger")
+            # Under the write lock (SQLite) / row lock (PostgreSQL FOR UPDATE) this read-then-write is safe.
+            row = s.scalars(select(Attempt).where(Attempt.job_id == job_id, Attempt.n == observed.n)
+                            .with_for_update()).one_or_none()
+            if row is None:
+                row = Attempt(job_id=job_id, n=observed.n, **placement, **late)
+                s.add(row)
+            else:
+                for name, value in placement.items():
+                    setattr(row, name, value)
+                for name, value in late.items():
+                    if value is not None:
+                        setattr(row, name, value)
+            s.flush()
+            self._refresh_progress(s, job_id, [observed.n])
+            s.execute(update(Job).where(Job.id == job_id).values(updated_at=_now()))
+
+    def ingest_events(self, job_id: str, events_path: Path | str) -> int:
+        """Read events.jsonl from where the last call stopped; return how many events were new.
+
+        Idempotent: rows are keyed by (job, attempt, step) or the line's byte offset, so a re-read
+        (another process, a copied file, a replaced file) never duplicates. A partial last line is
+        left for the next call.
+        """
+        path = Path(events_path)
+        with self._write() as s, s.begin():
+            if s.get(Job, job_id) is None:
+                raise LedgerError(f"no job {job_id!r} in the ledger")
+            cursor = s.get(EventCursor, job_id)
+            start = cursor.offset if cursor is not None and cursor.path == str(path) else 0
+            lines, end = read_new_lines(path, start)
+            if end == start and cursor is not None:
+                return 0
+            rows = events_to_rows(job_id, lines, base_dir=path.parent)
+            for model, batch in ((ProgressSample, rows.samples), (Checkpoint, rows.checkpoints), (RunEvent, rows.run_events)):
+                if batch:
+                    s.execute(insert_ignore(s.bind.dialect.name, model), batch)
+            if cursor is None:
+                s.add(EventCursor(job_id=job_id, path=str(path), offset=end, updated_at=_now()))
+            else:
+                cursor.path, cursor.offset, cursor.updated_at = str(path), end, _now()
+            s.flush()
+            if rows.count:
+                self._refresh_progress(s, job_id)
+            return rows.count
+
+    @staticmethod
+    def _refresh_progress(s: Session, job_id: str, attempt_numbers: Optional[Iterable[int]] = None) -> None:
+        """Derive attempts' resumed_from_step and trained tokens from their events (all attempts
+        when none are named: a later attempt's baseline depends on an earlier one's samples)."""
+        if attempt_numbers is None:
+            attempt_numbers = s.scalars(select(Attempt.n).where(Attempt.job_id == job_id)).all()
+        for n in sorted(set(attempt_numbers)):
+            attempt = s.scalars(select(Attempt).where(Attempt.job_id == job_id, Attempt.n == n)).one_or_none()
+            if attempt is None:
+                continue  # events arrived before the backend reported the attempt; upsert calls back
+            start = s.scalars(select(RunEvent).where(RunEvent.job_id == job_id, RunEvent.attempt == n,
+                                                     RunEvent.event == "start").order_by(RunEvent.offset.desc())).first()
+            resumed = json.loads(start.payload).get("resumed_from_step") if start is not None else None
+            finished = s.scalars(select(RunEvent).where(RunEvent.job_id == job_id, RunEvent.attempt == n,
+                                                        RunEvent.event == "finished")).first()
+            end_tokens = finished.tokens if finished is not None and finished.tokens is not None else \
+                s.scalar(select(func.max(ProgressSample.tokens)).where(ProgressSample.job_id == job_id, ProgressSample.attempt == n))
+            attempt.resumed_from_step = resumed
+            attempt.tokens = None if end_tokens is None else max(0, end_tokens - _tokens_at_resume(s, job_id, n, resumed))
+
+    # ---- reads --------------------------------------------------------------------------------
+
+    def attempts(self, job_id: str) -> list[AttemptRecord]:
+        with self._read() as s:
+            rows = s.scalars(select(Attempt).where(Attempt.job_id == job_id).order_by(Attempt.n)).all()
+            return [_record(AttemptRecord, r) for r in rows]
+
+    def checkpoints(self, job_id: str) -> list[CheckpointRecord]:
+        with self._read() as s:
+            rows = s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)
+                             .order_by(Checkpoint.attempt, Checkpoint.step)).all()
+            return [_record(CheckpointRecord, r) for r in rows]
+
+    def samples(self, job_id: str) -> list[SampleRecord]:
+        with self._read() as s:
+            rows = s.scalars(select(ProgressSample).where(ProgressSample.job_id == job_id)
+                             .order_by(ProgressSample.attempt, ProgressSample.step)).all()
+            return [_record(SampleRecord, r) for r in rows]
+
+    def run_events(self, job_id: str) -> list[RunEventRecord]:
+        with self._read() as s:
+            rows = s.scalars(select(RunEvent).where(RunEvent.job_id == job_id).order_by(RunEvent.offset)).all()
+            return [_record(RunEventRecord, r, payload=json.loads(r.payload)) for r in rows]
+
+
+def _tokens_at_resume(s: Session, job_id: str, n: int, resumed_from_step: Optional[int]) -> int:
+    """Cumulative tokens already trained at the step this attempt resumed from.
+
+    Exact when an earlier attempt logged that step; otherwise scaled from this attempt's first
+    sample (tokens grow linearly in steps with packed sequences)."""
+    if not resumed_from_step:
+        return 0
+    earlier = s.scalar(select(ProgressSample.tokens).where(
+        ProgressSample.job_id == job_id, ProgressSample.attempt < n, ProgressSample.step <= resumed_from_step,
+        ProgressSample.tokens.is_not(None)).order_by(ProgressSample.step.desc(), ProgressSample.attempt.desc()).limit(1))
+    if earlier is not None:
+        return earlier
+    first = s.scalars(select(ProgressSample).where(ProgressSample.job_id == job_id, ProgressSample.attempt == n,
+                                                   ProgressSample.tokens.is_not(None)).order_by(ProgressSample.step)).first()
+    if first is None or first.step <= 0:
+        return 0
+    return first.tokens * resumed_from_step // first.step

@@ -1,0 +1,220 @@
+"""The ledger's tables (SQLAlchemy 2.x declarative) and the two column types that make money and
+time round-trip exactly on both SQLite and PostgreSQL.
+
+The schema itself is owned by the Alembic migrations in `orchestrator/migrations/versions/`;
+these models must describe the same tables (tests compare them).
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Optional
+
+from sqlalchemy import (BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, MetaData, Numeric, String,
+                        Text, UniqueConstraint)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+# Catalog prices carry up to 6 decimals (e.g. GCP's 0.41783 $/h); keep them exact.
+MONEY_SCALE = 6
+MONEY_PRECISION = 18
+_MONEY_QUANTUM = Decimal(1).scaleb(-MONEY_SCALE)
+
+JOB_STATUSES = ("pending", "running", "recovering", "succeeded", "failed", "cancelled", "over_budget")
+TERMINAL_STATUSES = ("succeeded", "failed", "cancelled", "over_budget")
+
+
+class Money(TypeDecorator):
+    """Decimal in, Decimal out, never a float in between.
+
+    PostgreSQL gets NUMERIC(18, 6). SQLite has no decimal type (its NUMERIC affinity turns '2.49'
+    into a binary float), so there the value is stored as its exact decimal text.
+    """
+
+    impl = Numeric(MONEY_PRECISION, MONEY_SCALE, asdecimal=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect):
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(String(40))
+        return dialect.type_descriptor(Numeric(MONEY_PRECISION, MONEY_SCALE, asdecimal=True))
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        if isinstance(value, float):
+            raise TypeError("money must be Decimal (or str/int), never float")
+        exact = Decimal(value).quantize(_MONEY_QUANTUM, rounding=ROUND_HALF_UP)
+        if dialect.name == "sqlite":
+            return format(exact, "f")
+        return exact
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        return Decimal(value) if not isinstance(value, Decimal) else value
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC datetimes on both backends.
+
+    PostgreSQL stores timestamptz; SQLite stores the UTC wall time as text with no offset, and the
+    offset is put back on the way out. Naive datetimes are refused: a naive time is an ambiguous one.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Optional[datetime], dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value!r}: ledger times must be timezone-aware")
+        utc = value.astimezone(timezone.utc)
+        return utc.replace(tzinfo=None) if dialect.name == "sqlite" else utc
+
+    def process_result_value(self, value: Optional[datetime], dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+# Named constraints so migrations (and SQLite batch mode) can refer to them.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(96), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    model: Mapped[str] = mapped_column(String(200))
+    method: Mapped[str] = mapped_column(String(16))
+    spec_yaml: Mapped[str] = mapped_column(Text)
+    spec_hash: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    backend: Mapped[str] = mapped_column(String(32))
+    budget: Mapped[Optional[Decimal]] = mapped_column(Money, nullable=True)
+    external_id: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
+    failure_reason: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Estimate(Base):
+    """What the planner said when the job was submitted. Inserted once, never updated."""
+
+    __tablename__ = "estimates"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    plan_json: Mapped[str] = mapped_column(Text)        # Plan.to_json(): chosen option and alternatives
+    chosen_rank: Mapped[int] = mapped_column(Integer)
+    catalog_snapshot: Mapped[str] = mapped_column(String(200))
+    provider: Mapped[str] = mapped_column(String(64))
+    region: Mapped[str] = mapped_column(String(64))
+    instance_type: Mapped[str] = mapped_column(String(128))
+    gpu: Mapped[str] = mapped_column(String(64))
+    gpu_count: Mapped[int] = mapped_column(Integer)
+    spot: Mapped[bool] = mapped_column(Boolean)
+    price_per_hour: Mapped[Decimal] = mapped_column(Money)
+    tokens_per_second: Mapped[float] = mapped_column(Float)
+    hours: Mapped[float] = mapped_column(Float)                      # compute hours, no preemption
+    preemption_overhead_hours: Mapped[float] = mapped_column(Float)
+    expected_cost: Mapped[Decimal] = mapped_column(Money)
+    total_tokens: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Attempt(Base):
+    __tablename__ = "attempts"
+    __table_args__ = (UniqueConstraint("job_id", "n", name="uq_attempts_job_id_n"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    n: Mapped[int] = mapped_column(Integer)
+    provider: Mapped[str] = mapped_column(String(64))
+    region: Mapped[str] = mapped_column(String(64))
+    instance_type: Mapped[Optional[str]] = mapped_column(String(128), nullable=True)
+    gpu: Mapped[str] = mapped_column(String(64))
+    gpu_count: Mapped[int] = mapped_column(Integer)
+    spot: Mapped[bool] = mapped_column(Boolean)
+    price_per_hour: Mapped[Decimal] = mapped_column(Money)           # whole instance, USD/h
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    ended_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime, nullable=True)
+    end_reason: Mapped[Optional[str]] = mapped_column(String(16), nullable=True)
+    external_id: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
+    tokens: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)   # trained in this attempt
+    resumed_from_step: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    detail: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("job_id", "attempt", "step", name="uq_checkpoints_job_id_attempt_step"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    step: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    bytes: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)
+    seconds: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    verified: Mapped[bool] = mapped_column(Boolean)
+    time: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class ProgressSample(Base):
+    __tablename__ = "progress_samples"
+    __table_args__ = (UniqueConstraint("job_id", "attempt", "step", name="uq_progress_samples_job_id_attempt_step"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    step: Mapped[int] = mapped_column(Integer)
+    tokens: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)   # cumulative over the job
+    loss: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    lr: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    tokens_per_second: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    time: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class RunEvent(Base):
+    """The lifecycle events (start, preempted, finished, error) as the recipe wrote them.
+
+    Keyed by the byte offset of the line in events.jsonl, so re-reading a file never duplicates.
+    """
+
+    __tablename__ = "run_events"
+    __table_args__ = (UniqueConstraint("job_id", "offset", name="uq_run_events_job_id_offset"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    offset: Mapped[int] = mapped_column(BigInteger)
+    attempt: Mapped[int] = mapped_column(Integer)
+    event: Mapped[str] = mapped_column(String(16))
+    step: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    tokens: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)
+    payload: Mapped[str] = mapped_column(Text)       # the JSON line, secrets redacted
+    time: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class EventCursor(Base):
+    """How far events.jsonl has been read for a job, in bytes, so ingestion resumes there."""
+
+    __tablename__ = "event_cursors"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    offset: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)

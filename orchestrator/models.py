@@ -1,0 +1,227 @@
+"""Model architectures -> parameter counts, for the planner's memory and throughput models.
+
+A model is named either by a local path (a directory holding `config.json`, or the file itself)
+or by a key of the built-in table: Hugging Face ids (case-insensitive) and short aliases. Every
+size is computed from the architecture, never typed in, so the table stays checkable against
+each model card: Llama-3.1-8B comes out at 8.03e9 parameters, Llama-3.2-1B at 1.236e9.
+
+All models here are decoder-only transformers with grouped-query attention and a gated MLP
+(gate, up, down projections), which covers Llama, Qwen2, Mistral, Gemma 2 and Phi-3.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Optional
+
+from orchestrator.errors import UserError
+
+# PEFT's names for the seven linear projections of every layer ("all-linear" targets them all).
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class UnknownModelError(UserError):
+    """The model is neither a local path with config.json nor in the built-in table."""
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    tied_embeddings: bool
+    head_dim: Optional[int] = None   # Gemma 2 sets it apart from hidden / heads
+    qkv_bias: bool = False           # Qwen2 has biases on q, k, v
+    byte_tokenizer: bool = False     # one token per UTF-8 byte (tiny-llama): counted exactly, no tokenizer needed
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_size
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_size
+
+    @cached_property
+    def _shapes(self) -> dict[str, tuple[int, int]]:
+        h, q, kv, i = self.hidden, self.q_dim, self.kv_dim, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each linear projection in one layer."""
+        return dict(self._shapes)
+
+    @cached_property
+    def linear_params(self) -> int:
+        """Parameters in the layers' linear projections: what QLoRA quantizes to 4 bits."""
+        per_layer = sum(i * o for i, o in self.projection_shapes().values())
+        if self.qkv_bias:
+            per_layer += self.q_dim + 2 * self.kv_dim
+        return self.layers * per_layer
+
+    @cached_property
+    def embedding_params(self) -> int:
+        """Input embedding plus, when untied, the output head: kept in 16 (or 32) bits by QLoRA."""
+        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+
+    @cached_property
+    def norm_params(self) -> int:
+        return (2 * self.layers + 1) * self.hidden
+
+    @cached_property
+    def params(self) -> int:
+        return self.linear_params + self.embedding_params + self.norm_params
+
+    def lora_params(self, r: int, target_modules) -> int:
+        """Trainable adapter parameters: r x (in + out) for each targeted projection."""
+        shapes = self.projection_shapes()
+        targets = LINEAR_MODULES if target_modules == "all-linear" else [t for t in target_modules if t in shapes]
+        return self.layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
+
+
+def _arch(name, hidden, layers, heads, kv_heads, intermediate, vocab, tied, **extra) -> ModelArch:
+    return ModelArch(name, hidden, layers, heads, kv_heads, intermediate, vocab, tied, **extra)
+
+
+# Architectures as published in each model's config.json on the Hugging Face Hub.
+_TABLE: dict[str, tuple[ModelArch, tuple[str, ...]]] = {}
+
+
+def _add(arch: ModelArch, *aliases: str) -> None:
+    _TABLE[arch.name.lower()] = (arch, aliases)
+
+
+_add(_arch("tiny-llama", 128, 4, 4, 2, 256, 262, False, byte_tokenizer=True), "tiny")  # mirrors recipes/tiny.py ARCHITECTURE
+_add(_arch("meta-llama/Llama-3.2-1B", 2048, 16, 32, 8, 8192, 128256, True), "llama-3.2-1b", "llama-1b")
+_add(_arch("meta-llama/Llama-3.2-3B", 3072, 28, 24, 8, 8192, 128256, True), "llama-3.2-3b", "llama-3b")
+_add(_arch("meta-llama/Llama-3.1-8B", 4096, 32, 32, 8, 14336, 128256, False),
+     "llama-3.1-8b", "llama-8b", "meta-llama/Meta-Llama-3.1-8B", "meta-llama/Llama-3.1-8B-Instruct")
+_add(_arch("meta-llama/Llama-3.1-70B", 8192, 80, 64, 8, 28672, 128256, False),
+     "llama-3.1-70b", "llama-70b", "meta-llama/Llama-3.3-70B-Instruct", "llama-3.3-70b",
+     "meta-llama/Llama-3.1-70B-Instruct")
+_add(_arch("meta-llama/Llama-3.1-405B", 16384, 126, 128, 8, 53248, 128256, False),
+     "llama-3.1-405b", "llama-405b", "meta-llama/Llama-3.1-405B-Instruct")
+_add(_arch("Qwen/Qwen2.5-0.5B", 896, 24, 14, 2, 4864, 151936, True, qkv_bias=True), "qwen2.5-0.5b")
+_add(_arch("Qwen/Qwen2.5-1.5B", 1536, 28, 12, 2, 8960, 151936, True, qkv_bias=True), "qwen2.5-1.5b")
+_add(_arch("Qwen/Qwen2.5-3B", 2048, 36, 16, 2, 11008, 151936, True, qkv_bias=True), "qwen2.5-3b")
+_add(_arch("Qwen/Qwen2.5-7B", 3584, 28, 28, 4, 18944, 152064, False, qkv_bias=True), "qwen2.5-7b")
+_add(_arch("Qwen/Qwen2.5-14B", 5120, 48, 40, 8, 13824, 152064, False, qkv_bias=True), "qwen2.5-14b")
+_add(_arch("Qwen/Qwen2.5-32B", 5120, 64, 40, 8, 27648, 152064, False, qkv_bias=True), "qwen2.5-32b")
+_add(_arch("Qwen/Qwen2.5-72B", 8192, 80, 64, 8, 29568, 152064, False, qkv_bias=True), "qwen2.5-72b")
+_add(_arch("mistralai/Mistral-7B-v0.3", 4096, 32, 32, 8, 14336, 32768, False),
+     "mistral-7b", "mistralai/Mistral-7B-Instruct-v0.3")
+_add(_arch("mistralai/Mistral-7B-v0.1", 4096, 32, 32, 8, 14336, 32000, False), "mistral-7b-v0.1")
+_add(_arch("google/gemma-2-2b", 2304, 26, 8, 4, 9216, 256000, True, head_dim=256), "gemma-2-2b")
+_add(_arch("google/gemma-2-9b", 3584, 42, 16, 8, 14336, 256000, True, head_dim=256), "gemma-2-9b")
+_add(_arch("google/gemma-2-27b", 4608, 46, 32, 16, 36864, 256000, True, head_dim=128), "gemma-2-27b")
+_add(_arch("microsoft/Phi-3-mini-4k-instruct", 3072, 32, 32, 32, 8192, 32064, False),
+     "phi-3-mini", "microsoft/Phi-3-mini-128k-instruct")
+_add(_arch("microsoft/Phi-3-small-8k-instruct", 4096, 32, 32, 8, 14336, 100352, True),
+     "phi-3-small", "microsoft/Phi-3-small-128k-instruct")
+_add(_arch("microsoft/Phi-3-medium-4k-instruct", 5120, 40, 40, 10, 17920, 32064, False),
+     "phi-3-medium", "microsoft/Phi-3-medium-128k-instruct")
+
+
+def _index() -> dict[str, ModelArch]:
+    index = {}
+    for key, (arch, aliases) in _TABLE.items():
+        index[key] = arch
+        index[key.split("/")[-1]] = arch  # "Llama-3.1-8B" without the organisation
+        for alias in aliases:
+            index[alias.lower()] = arch
+            index[alias.lower().split("/")[-1]] = arch
+    return index
+
+
+_INDEX = _index()
+
+
+def builtin_names() -> list[str]:
+    return sorted(arch.name for arch, _ in _TABLE.values())
+
+
+def _config_file(model: str) -> Optional[Path]:
+    path = Path(model).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return path / "config.json"
+    if path.is_file() and path.name.endswith(".json"):
+        return path
+    return None
+
+
+def arch_from_config(config: dict, name: str) -> ModelArch:
+    """Architecture from a Hugging Face config.json (multimodal configs nest it in text_config)."""
+    cfg = config.get("text_config") or config
+    try:
+        hidden = int(cfg["hidden_size"])
+        heads = int(cfg["num_attention_heads"])
+        arch = ModelArch(
+            name=name,
+            hidden=hidden,
+            layers=int(cfg["num_hidden_layers"]),
+            heads=heads,
+            kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            intermediate=int(cfg["intermediate_size"]),
+            vocab=int(cfg["vocab_size"]),
+            # transformers' PretrainedConfig defaults tie_word_embeddings to True
+            tied_embeddings=bool(cfg.get("tie_word_embeddings", config.get("tie_word_embeddings", True))),
+            head_dim=int(cfg["head_dim"]) if cfg.get("head_dim") else None,
+            qkv_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
+        )
+    except KeyError as e:
+        raise UnknownModelError(f"{name}: config.json has no '{e.args[0]}'; cannot size the model") from None
+    except (TypeError, ValueError) as e:
+        raise UnknownModelError(f"{name}: config.json has a non-numeric size field ({e})") from None
+    return arch
+
+
+def resolve_model(model: str) -> ModelArch:
+    """A local path with config.json, else the built-in table; anything else is a UserError."""
+    config_file = _config_file(model)
+    if config_file is not None:
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise UnknownModelError(f"{config_file}: not a readable JSON config ({e})") from None
+        if not isinstance(config, dict):
+            raise UnknownModelError(f"{config_file}: config.json must be a JSON object")
+        return arch_from_config(config, model)
+    arch = _INDEX.get(model.lower()) or _INDEX.get(model.lower().split("/")[-1])
+    if arch is None:
+        raise UnknownModelError(
+            f"unknown model '{model}': give a local directory with config.json or one of the built-in "
+            f"models ({', '.join(n.split('/')[-1] for n in builtin_names())})")
+    return arch
+
+
+def local_tokenizer_file(model: str) -> Optional[Path]:
+    """A tokenizer.json already on this machine: beside a local model's config, in tiny-llama's
+    build cache, or in the Hugging Face hub cache. Never downloads."""
+    import os
+
+    path = Path(model).expanduser()
+    if path.is_file():
+        path = path.parent
+    candidates = [path / "tokenizer.json"]
+    key = model.lower()
+    if _INDEX.get(key) is not None and _INDEX[key].name == "tiny-llama":
+        cache = Path(os.environ.get("SPOTUNE_CACHE") or Path.home() / ".cache" / "spotune").expanduser()
+        candidates.append(cache / "tiny-llama" / "tokenizer.json")
+    elif "/" in model and not path.exists():
+        hf_home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").expanduser()
+        hub = Path(os.environ.get("HF_HUB_CACHE") or hf_home / "hub").expanduser()
+        snapshots = hub / ("models--" + model.replace("/", "--")) / "snapshots"
+        if snapshots.is_dir():
+            candidates.extend(sorted(snapshots.glob("*/tokenizer.json")))
+    return next((c for c in candidates if c.is_file()), None)

@@ -1,0 +1,366 @@
+"""Offers x spot/on-demand -> feasible -> expected cost -> ranked Plan. Pure: no I/O of its own.
+
+Each offer yields up to two candidates, its spot and its on-demand variant, ranked side by side
+by expected cost, so spot is chosen exactly where its expected cost (preemptions included) wins
+and the deadline still holds. Everything that depends only on (GPU, GPU count, VRAM) -- batch
+choice, memory, throughput, hours -- is computed once per group, not per offer, which keeps a
+10,000-offer catalog under 200 ms (bench/bench_plan.py).
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Iterable, Optional, Sequence
+
+from orchestrator.errors import UserError
+from orchestrator.estimate import GIB, Calibration, DeviceSpec, load_calibration
+from orchestrator.estimate.memory import BatchChoice, MemoryEstimate, choose_batch, estimate_memory
+from orchestrator.estimate.preemption import (checkpoint_bytes, checkpoint_interval_hours, checkpoint_write_hours,
+                                              preemption_overhead_hours)
+from orchestrator.estimate.throughput import ThroughputEstimate, estimate_throughput
+from orchestrator.estimate.tokens import DatasetTokens, dataset_tokens, total_training_tokens
+from orchestrator.models import ModelArch, resolve_model
+from orchestrator.plan import CostLine, ManagedQuote, Offer, Option, Plan, Rejected, money
+
+KEEP_OPTIONS = 100          # options kept in a Plan (cheapest first); the count of all is in assumptions
+KEEP_REJECTED_PER_REASON = 10
+
+
+class NoFeasibleOption(UserError):
+    """Nothing in the catalog satisfies the spec; the message names the closest miss."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """What the planner needs from the spec, resolved once."""
+
+    spec: object
+    arch: ModelArch
+    dataset: DatasetTokens
+    total_tokens: int
+    tokens_per_step: int
+    memory_memo: dict = field(default_factory=dict)   # (gpu_count, micro, checkpointing) -> MemoryEstimate
+
+
+@dataclass(frozen=True)
+class Group:
+    """The estimate shared by every offer with the same device, GPU count and VRAM."""
+
+    device: Optional[DeviceSpec]
+    choice: Optional[BatchChoice]
+    smallest: Optional[MemoryEstimate]
+    throughput: Optional[ThroughputEstimate]
+    grad_accum: int
+    train_hours: float
+    checkpoint_hours: float
+    interval_hours: float
+
+
+def resolve_job(spec, dataset: Optional[DatasetTokens] = None) -> Job:
+    arch = resolve_model(spec.model)
+    if dataset is None:
+        from orchestrator.models import local_tokenizer_file
+
+        dataset = dataset_tokens(spec, local_tokenizer_file(spec.model), arch.byte_tokenizer)
+    total = total_training_tokens(spec, dataset)
+    tokens_per_step = spec.batch.global_ * spec.seq_len
+    if spec.train.max_steps:
+        total = min(total, spec.train.max_steps * tokens_per_step)
+    return Job(spec, arch, dataset, total, tokens_per_step)
+
+
+def _group(job: Job, device: Optional[DeviceSpec], gpu_count: int, vram_gb: Optional[float], cal: Calibration) -> Group:
+    spec, arch = job.spec, job.arch
+    if device is None:
+        return Group(None, None, None, None, 0, 0.0, 0.0, 0.0)
+    ckpt = spec.train.gradient_checkpointing
+    choice, smallest = choose_batch(
+        arch, spec.method, seq_len=spec.seq_len, global_batch=spec.batch.global_,
+        micro=None if spec.batch.micro == "auto" else spec.batch.micro,
+        checkpointing=None if ckpt == "auto" else ckpt, gpu_count=gpu_count, vram_gb=vram_gb, cal=cal,
+        lora_r=spec.lora.r, target_modules=spec.lora.target_modules, lora_dropout=spec.lora.dropout,
+        memo=job.memory_memo)
+    if choice is None:
+        return Group(device, None, smallest, None, 0, 0.0, 0.0, 0.0)
+    tp = estimate_throughput(arch, spec.method, seq_len=spec.seq_len, gradient_checkpointing=choice.gradient_checkpointing,
+                             device=device, gpu_count=gpu_count, cal=cal)
+    grad_accum = math.ceil(spec.batch.global_ / (choice.micro_batch * gpu_count))
+    train_hours = job.total_tokens / tp.tokens_per_second / 3600
+    interval = checkpoint_interval_hours(spec.checkpoint.every_minutes, spec.checkpoint.every_steps,
+                                         job.tokens_per_step / tp.tokens_per_second, train_hours)
+    ckpt_hours = checkpoint_write_hours(train_hours, interval,
+                                        checkpoint_bytes(arch, spec.method, spec.lora.r, spec.lora.target_modules, cal), cal)
+    return Group(device, choice, smallest, tp, grad_accum, train_hours, ckpt_hours, interval)
+
+
+def _fmt_money(x: Decimal) -> str:
+    return f"${money(x):,}"
+
+
+def _amount(price: Decimal, hours: float) -> Decimal:
+    return (price * Decimal(repr(hours))).quantize(Decimal("0.000001"))
+
+
+def _cost_lines(job: Job, g: Group, offer: Offer, spot: bool, price: Decimal, setup_hours: float,
+                preempt_hours: float, preempt: Optional[dict]) -> tuple[CostLine, ...]:
+    tp = g.throughput
+    lines = [CostLine(
+        "training", _amount(price, g.train_hours),
+        f"{job.total_tokens:,} tokens / {tp.tokens_per_second:,.0f} tokens/s / 3600 = {g.train_hours:.3f} h "
+        f"x ${price}/h  [{tp.formula()}]")]
+    if g.checkpoint_hours:
+        lines.append(CostLine("checkpoint writes", _amount(price, g.checkpoint_hours),
+                              f"one every {g.interval_hours * 60:.0f} min = {g.checkpoint_hours:.3f} h x ${price}/h"))
+    if setup_hours:
+        lines.append(CostLine("setup", _amount(price, setup_hours),
+                              f"{setup_hours * 60:.0f} min (provision, install, download model) x ${price}/h"))
+    if spot:
+        lines.append(CostLine(
+            "preemption overhead (spot)", _amount(price, preempt_hours),
+            f"{preempt['rate_per_hour']:g}/h x {g.train_hours:.3f} h x ({g.interval_hours:.3f} h / 2 + "
+            f"{preempt['restart_hours']:.3f} h restart) = {preempt_hours:.3f} h x ${price}/h"))
+    return tuple(lines)
+
+
+def _managed_quotes(managed: Sequence, job: Job) -> tuple[ManagedQuote, ...]:
+    """Accepts quotes already priced for this job, or the catalog's ManagedPrice list to price here."""
+    items = list(managed or ())
+    if items and not isinstance(items[0], ManagedQuote):
+        from orchestrator.catalog import managed_quotes
+
+        items = managed_quotes(job.arch.params, job.spec.method, job.total_tokens, prices=items)
+    return tuple(sorted(items, key=lambda q: q.cost))
+
+
+def _allowed(offer: Offer, c) -> bool:
+    if c.gpus and not any(offer.gpu.lower() == g.lower() or offer.gpu.lower().startswith(g.lower() + "-") for g in c.gpus):
+        return False
+    if c.providers and offer.provider.lower() not in {p.lower() for p in c.providers}:
+        return False
+    if c.regions and offer.region.lower() not in {r.lower() for r in c.regions}:
+        return False
+    return offer.gpu_count <= c.max_gpus
+
+
+def _memory_detail(g: Group, offer: Offer) -> str:
+    m = g.smallest
+    mode = "with" if m.gradient_checkpointing else "without"
+    return (f"needs {m.total_gib:,.1f} GB per GPU at micro-batch {m.micro_batch} {mode} gradient checkpointing "
+            f"on {offer.gpu_count} GPU(s); this offer has {offer.vram_gb_per_gpu:g} GB per GPU")
+
+
+def _where(offer: Offer, spot: bool) -> str:
+    return f"{offer.gpu_count}x {offer.gpu} {offer.provider} {offer.region} {'spot' if spot else 'on-demand'}"
+
+
+def _evaluate(job: Job, offers: Iterable[Offer], cal: Calibration, *, apply_constraints: bool,
+              setup_hours: float, device_of) -> tuple[list, list]:
+    """(feasible, rejected) entries for offers already filtered by gpus/providers/regions/max_gpus.
+
+    Entries are plain tuples (this loop runs once per offer variant); Options and Rejected are
+    built afterwards for the few that are kept. Rejected: (reason, offer, spot, cost, hours, group)."""
+    c = job.spec.constraints
+    mode = c.spot if apply_constraints else "never"
+    max_price = Decimal(repr(c.max_price_per_hour)) if apply_constraints and c.max_price_per_hour is not None else None
+    deadline = c.deadline_hours if apply_constraints else None
+    budget = c.budget if apply_constraints else None
+    groups: dict = {}
+    preempt_cache: dict = {}
+    feasible, rejected = [], []
+    for offer in offers:
+        variants = []
+        if mode != "always" and offer.price_on_demand is not None and offer.price_on_demand > 0:
+            variants.append((False, offer.price_on_demand))
+        # a missing or zero spot price means there is no spot market (vast lists 0.00)
+        if mode != "never" and offer.price_spot is not None and offer.price_spot > 0:
+            variants.append((True, offer.price_spot))
+        if not variants:
+            continue
+        device = device_of(offer)
+        key = (device.name if device else offer.gpu, offer.gpu_count, offer.vram_gb_per_gpu)
+        g = groups.get(key)
+        if g is None:
+            g = groups[key] = _group(job, device, offer.gpu_count, offer.vram_gb_per_gpu, cal)
+        if g.choice is None:
+            reason = "unknown_gpu" if g.device is None else "does_not_fit_memory"
+            rejected.extend((reason, offer, spot, None, None, g) for spot, _ in variants)
+            continue
+        base_hours = g.train_hours + g.checkpoint_hours + setup_hours
+        for spot, price in variants:
+            preempt_hours, preempt = 0.0, None
+            if spot:
+                pkey = (key, offer.provider)
+                found = preempt_cache.get(pkey)
+                if found is None:
+                    found = preempt_cache[pkey] = preemption_overhead_hours(offer.provider, g.train_hours, g.interval_hours, cal)
+                preempt_hours, preempt = found
+            expected_hours = base_hours + preempt_hours
+            cost = float(price) * expected_hours
+            if max_price is not None and price > max_price:
+                rejected.append(("over_max_price", offer, spot, cost, expected_hours, g))
+            elif deadline is not None and expected_hours > deadline:
+                rejected.append(("misses_deadline", offer, spot, cost, expected_hours, g))
+            elif budget is not None and cost > budget:
+                rejected.append(("over_budget", offer, spot, cost, expected_hours, g))
+            else:
+                feasible.append((cost, expected_hours, offer, spot, price, g, base_hours, preempt_hours, preempt))
+    return feasible, rejected
+
+
+def _reject_detail(reason: str, offer: Offer, spot: bool, cost, hours, g: Group, c) -> str:
+    if reason == "unknown_gpu":
+        return f"no peak TFLOP/s for GPU '{offer.gpu}' in the GPU table"
+    if reason == "does_not_fit_memory":
+        return _memory_detail(g, offer)
+    if reason == "over_max_price":
+        return f"${offer.price(spot)}/h is over max_price_per_hour ${c.max_price_per_hour:g}"
+    if reason == "misses_deadline":
+        return f"expected {hours:,.1f} h is over the {c.deadline_hours:g} h deadline"
+    return f"expected ${cost:,.2f} is over the ${c.budget:,.2f} budget"
+
+
+def _option(rank: int, job: Job, entry, setup_hours: float) -> Option:
+    cost, expected_hours, offer, spot, price, g, hours, preempt_hours, preempt = entry
+    lines = _cost_lines(job, g, offer, spot, price, setup_hours, preempt_hours, preempt)
+    return Option(rank=rank, offer=offer, spot=spot, price_per_hour=price, micro_batch=g.choice.micro_batch,
+                  grad_accum=g.grad_accum, gradient_checkpointing=g.choice.gradient_checkpointing,
+                  tokens_per_second=g.throughput.tokens_per_second, memory_gb_per_gpu=g.choice.memory.total_gib,
+                  hours=hours, preemption_overhead_hours=preempt_hours,
+                  expected_cost=sum((line.amount for line in lines), Decimal(0)), lines=lines)
+
+
+def _rejected(entries: list, c) -> tuple[tuple[Rejected, ...], dict]:
+    """The cheapest few rejections per reason (all counted), cheapest first."""
+    by_reason: dict = {}
+    for e in entries:
+        by_reason.setdefault(e[0], []).append(e)
+    kept = []
+    for reason, items in by_reason.items():
+        cheapest = heapq.nsmallest(KEEP_REJECTED_PER_REASON, items,
+                                   key=lambda e: (e[3] if e[3] is not None else math.inf, e[1].price(e[2]) or 0))
+        for reason_, offer, spot, cost, hours, g in cheapest:
+            kept.append(Rejected(offer, spot, reason_, _reject_detail(reason_, offer, spot, cost, hours, g, c),
+                                 None if cost is None else Decimal(repr(round(cost, 6)))))
+    kept.sort(key=lambda r: (r.expected_cost is None, r.expected_cost or 0, r.offer.price(r.spot) or 0))
+    return tuple(kept), {reason: len(items) for reason, items in sorted(by_reason.items())}
+
+
+def _closest_miss(job: Job, entries: list, offers_seen: int, cal: Calibration) -> str:
+    c = job.spec.constraints
+    if not offers_seen:
+        parts = [f"{k} {v}" for k, v in (("gpus", c.gpus), ("providers", c.providers), ("regions", c.regions)) if v]
+        parts.append(f"max_gpus {c.max_gpus}, spot {c.spot}")
+        return f"no offer matches the constraints ({'; '.join(parts)})"
+    # The later a check, the closer the miss: budget failures passed memory, price and deadline.
+    for reason in ("over_budget", "misses_deadline", "over_max_price"):
+        items = [e for e in entries if e[0] == reason]
+        if items:
+            best = min(items, key=lambda e: e[4] if reason == "misses_deadline" else e[3])
+            detail = _reject_detail(reason, best[1], best[2], best[3], best[4], best[5], c)
+            return f"nothing satisfies the spec; closest miss: {_where(best[1], best[2])}: {detail}"
+    if any(e[0] == "does_not_fit_memory" for e in entries):
+        arch, spec = job.arch, job.spec
+        need = estimate_memory(arch, spec.method, seq_len=spec.seq_len, micro_batch=1, gradient_checkpointing=True,
+                               gpu_count=1, cal=cal, lora_r=spec.lora.r, target_modules=spec.lora.target_modules,
+                               lora_dropout=spec.lora.dropout)
+        largest = max((e[1] for e in entries if e[0] == "does_not_fit_memory"),
+                      key=lambda o: o.gpu_count * o.vram_gb_per_gpu)
+        return (f"{spec.model} {spec.method} needs {need.total_gib:,.0f} GB across GPUs (micro-batch 1, gradient "
+                f"checkpointing); the largest allowed option has {largest.gpu_count * largest.vram_gb_per_gpu:,.0f} GB "
+                f"({largest.gpu_count}x {largest.gpu}, {largest.provider})")
+    gpus = sorted({e[1].gpu for e in entries})
+    return f"nothing satisfies the spec: no GPU figures for {', '.join(gpus)}"
+
+
+def _device_resolver(cal: Calibration):
+    from orchestrator.catalog.specs import spec_for
+
+    cache: dict = {}
+
+    def device_of(offer: Offer) -> Optional[DeviceSpec]:
+        key = (offer.gpu, offer.instance_type)
+        if key not in cache:
+            spec = spec_for(offer.gpu, offer.instance_type)
+            cache[key] = cal.device(spec.name) if spec else cal.device(offer.gpu)
+        return cache[key]
+    return device_of
+
+
+def _build_plan(job: Job, feasible: list, rejected: list, managed: tuple, cal: Calibration, snapshot: str,
+                setup_hours: float, keep: int) -> Plan:
+    # Only the kept few are fully sorted; ties on cost go to the shorter run, then by name.
+    top = heapq.nsmallest(keep, feasible, key=lambda e: (e[0], e[1]))
+    top.sort(key=lambda e: (e[0], e[1], e[2].provider, e[2].region, e[2].instance_type, e[3]))
+    options = tuple(_option(i + 1, job, e, setup_hours) for i, e in enumerate(top))
+    kept_rejected, counts = _rejected(rejected, job.spec.constraints)
+    assumptions = {
+        "dataset": {"examples": job.dataset.examples, "tokens_per_epoch": job.dataset.tokens, "counted": job.dataset.how,
+                    "epochs": job.spec.epochs, "validation_fraction": job.spec.data.validation_fraction},
+        "setup_hours": setup_hours,
+        "feasible_options": len(feasible),
+        "rejected_counts": counts,
+        "calibration": cal.assumptions(),
+    }
+    return Plan(job=job.spec.name, model_name=job.arch.name, params=job.arch.params, method=job.spec.method,
+                total_tokens=job.total_tokens, options=options, rejected=kept_rejected, managed=managed,
+                catalog_snapshot=snapshot, assumptions=assumptions)
+
+
+def make_plan(spec, offers: Sequence[Offer], managed: Sequence = (), calibration: Optional[Calibration] = None, *,
+              dataset: Optional[DatasetTokens] = None, snapshot: Optional[str] = None, keep: int = KEEP_OPTIONS) -> Plan:
+    """Rank every spot and on-demand variant of every allowed offer by expected cost.
+
+    `managed`: ManagedQuotes for this job, or the catalog's ManagedPrices (priced here). `dataset`:
+    the dataset's token count when the caller has it (else counted from the spec; the only I/O,
+    and only for data.path). Raises NoFeasibleOption naming the closest miss when nothing fits."""
+    cal = calibration or load_calibration()
+    job = resolve_job(spec, dataset)
+    setup_hours = cal.overheads["setup_minutes"] / 60
+    offers = list(offers)
+    allowed = [o for o in offers if _allowed(o, spec.constraints)]
+    feasible, rejected = _evaluate(job, allowed, cal, apply_constraints=True, setup_hours=setup_hours,
+                                   device_of=_device_resolver(cal))
+    if not feasible:
+        raise NoFeasibleOption(_closest_miss(job, rejected, len(allowed), cal))
+    if snapshot is None:
+        dates = sorted({o.read_on for o in offers if o.read_on})
+        snapshot = f"prices read {dates[0]}" + (f" to {dates[-1]}" if len(dates) > 1 else "") if dates else "prices undated"
+    return _build_plan(job, feasible, rejected, _managed_quotes(managed, job), cal, snapshot, setup_hours, keep)
+
+
+def plan_local(spec, gpu: str, gpu_count: int, price_per_hour, calibration: Optional[Calibration] = None, *,
+               dataset: Optional[DatasetTokens] = None, vram_gb: Optional[float] = None) -> Plan:
+    """The same estimate for this machine: provider `local`, region `this-machine`, no setup time,
+    no spot market, the spec's constraints not applied (the machine is what it is)."""
+    cal = calibration or load_calibration()
+    job = resolve_job(spec, dataset)
+    device = cal.device(gpu)
+    if device is None:
+        raise UserError(f"unknown local device '{gpu}': known are CPU and the catalog's GPU names (e.g. H100, A100-80GB, RTX4090)")
+    vram = vram_gb if vram_gb is not None else device.vram_gb
+    price = Decimal(str(price_per_hour))
+    offer = Offer(provider="local", region="this-machine", instance_type="local", gpu=gpu, gpu_count=gpu_count,
+                  vram_gb_per_gpu=vram if vram is not None else 0.0, price_on_demand=price, price_spot=None,
+                  source="local")
+    g = _group(job, device, gpu_count, vram, cal)
+    if g.choice is None:
+        raise NoFeasibleOption(f"does not fit this machine: {_memory_detail(g, offer)}")
+    hours = g.train_hours + g.checkpoint_hours
+    entry = (float(price) * hours, hours, offer, False, price, g, hours, 0.0, None)
+    return _build_plan(job, [entry], [], (), cal, "local price", 0.0, 1)
+
+
+def break_even_tokens(option: Option, quote: ManagedQuote, total_tokens: int, setup_hours: float) -> Optional[float]:
+    """Training tokens above which the GPU option is cheaper than the managed service; None when
+    the service is cheaper per token (then it wins at every size). The GPU's setup time is its
+    fixed cost; everything else scales with tokens, as the managed price does."""
+    if total_tokens <= 0:
+        return None
+    fixed = float(option.price_per_hour) * setup_hours
+    gpu_per_token = (float(option.expected_cost) - fixed) / total_tokens
+    managed_per_token = float(quote.price_per_million_tokens) / 1e6
+    if managed_per_token <= gpu_per_token:
+        return None
+    return fixed / (managed_per_token - gpu_per_token)

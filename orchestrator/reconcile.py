@@ -1,0 +1,186 @@
+"""Actual spend against the estimate, and why they differ.
+
+Actual cost = Σ over attempts of wall hours × that attempt's $/h (an open attempt counts up to
+`now`), in Decimal, rounded to the cent once at the end: reproducible from the attempts table.
+
+Variance = actual − estimate, split three ways, with P0 the planned $/h, h_i and P_i each
+attempt's wall hours and $/h, H0 the planned compute hours and O0 the planned preemption overhead:
+
+  price       = Σ (P_i − P0) · h_i              paid another $/h than planned
+  preemption  = P0 · (lost hours − O0)          rework since the last checkpoint + restart time
+  throughput  = P0 · (productive hours − H0)    trained at another speed than planned
+                + (P0 · (H0 + O0) − estimate)   (zero unless the estimate has lines beyond GPU hours)
+
+productive = total − lost, so the three add up to the total exactly. In cents, total is
+actual¢ − estimate¢, price and preemption are rounded, and throughput is the remainder, so the
+printed parts add up to the printed total too.
+
+Lost hours come from events, never guesses: for every attempt after the first, the time from its
+start to its first training step (restart); for an attempt that ended preempted or failed, the time
+from its last checkpoint (or first step, if it never checkpointed) to its end (rework). The first
+attempt's start-up is not lost to preemption: the job pays it once either way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import Decimal, localcontext
+from typing import TYPE_CHECKING, Optional, Sequence
+
+from orchestrator.plan import money
+
+if TYPE_CHECKING:
+    from orchestrator.ledger import (AttemptRecord, CheckpointRecord, JobRecord, Ledger, RunEventRecord,
+                                     SampleRecord)
+
+INTERRUPTED = ("preempted", "failed")
+_US_PER_HOUR = Decimal(3_600_000_000)
+_PRECISION = 50  # digits: ample for exact sums of products of 6-decimal prices and µs-exact hours
+
+
+def _hours(start: datetime, end: datetime) -> Decimal:
+    delta = end - start
+    micros = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return max(Decimal(0), Decimal(micros) / _US_PER_HOUR)
+
+
+@dataclass(frozen=True)
+class AttemptCost:
+    n: int
+    price_per_hour: Decimal
+    hours: Decimal          # wall hours billed
+    cost: Decimal           # hours × price, unrounded
+    restart_hours: Decimal  # start → first step, for attempts after the first
+    rework_hours: Decimal   # last checkpoint → end, for preempted/failed attempts
+    open: bool
+
+    @property
+    def lost_hours(self) -> Decimal:
+        return min(self.hours, self.restart_hours + self.rework_hours)
+
+
+@dataclass(frozen=True)
+class Reconciliation:
+    job_id: str
+    estimate_cost: Decimal             # cents
+    estimate_hours: float              # compute + planned preemption overhead
+    estimate_compute_hours: float
+    estimate_overhead_hours: float
+    estimate_price_per_hour: Decimal
+    estimate_tokens_per_second: float
+    actual_cost: Decimal               # cents
+    actual_cost_exact: Decimal
+    actual_hours: Decimal
+    lost_hours: Decimal
+    tokens: Optional[int]              # cumulative tokens trained (from the last event)
+    tokens_per_second: Optional[float]  # mean of the recipe's measured step throughput
+    variance: Decimal                  # cents; = price + throughput + preemption
+    price: Decimal
+    throughput: Decimal
+    preemption: Decimal
+    attempts: tuple[AttemptCost, ...]
+    preemptions: int
+    open: bool                         # an attempt is still running: actual counts up to `now`
+    measured: bool = True              # training steps were recorded, so lost time is known
+
+    @property
+    def productive_hours(self) -> Decimal:
+        return self.actual_hours - self.lost_hours
+
+    @property
+    def variance_percent(self) -> Optional[float]:
+        if self.estimate_cost == 0:
+            return None
+        return float(self.variance / self.estimate_cost * 100)
+
+    def story(self) -> str:
+        """The variance in one sentence a person can check against the tables."""
+        pct = self.variance_percent
+        head = f"cost ${self.actual_cost:,.2f} vs ${self.estimate_cost:,.2f} estimated"
+        head += f" ({pct:+.1f}%)" if pct is not None else ""
+        if self.open:
+            head = "so far " + head
+        price_why = ", ".join(sorted({f"${a.price_per_hour:,.4f}/h" for a in self.attempts})) or "no attempts"
+        tps = f"{self.tokens_per_second:,.0f} tokens/s" if self.tokens_per_second is not None else "no throughput measured"
+        return (f"{head}: {_signed(self.price)} price (ran at {price_why} vs ${self.estimate_price_per_hour:,.4f}/h planned), "
+                f"{_signed(self.throughput)} throughput ({tps} vs {self.estimate_tokens_per_second:,.0f} planned; "
+                f"{float(self.productive_hours):.3f} h productive vs {self.estimate_compute_hours:.3f} h), "
+                f"{_signed(self.preemption)} preemption ({self.preemptions} preemption{'s' if self.preemptions != 1 else ''}, "
+                f"{float(self.lost_hours):.3f} h lost vs {self.estimate_overhead_hours:.3f} h planned)"
+                + ("" if self.measured or not self.attempts else
+                   "; no training events recorded, so time lost to preemption shows as throughput"))
+
+
+def _signed(amount: Decimal) -> str:
+    return f"{'-' if amount < 0 else '+'}${abs(amount):,.2f}"
+
+
+def reconcile(job: "JobRecord", attempts: Sequence["AttemptRecord"], checkpoints: Sequence["CheckpointRecord"],
+              samples: Sequence["SampleRecord"], run_events: Sequence["RunEventRecord"] = (),
+              now: Optional[datetime] = None) -> Reconciliation:
+    now = now or datetime.now(timezone.utc)
+    est = job.estimate
+    with localcontext() as ctx:
+        ctx.prec = _PRECISION
+        first_n = min((a.n for a in attempts), default=None)
+        # Without a single training step on record (events never copied back, or none written yet)
+        # lost time cannot be told from slow time: it all shows as throughput, and the story says so.
+        measured = bool(samples)
+        costs = tuple(_attempt_cost(a, a.n == first_n, checkpoints, samples, now, measured) for a in attempts)
+        p0 = Decimal(est.price_per_hour)
+        h0, o0 = Decimal(str(est.hours)), Decimal(str(est.preemption_overhead_hours))
+        estimate_exact = Decimal(est.expected_cost)
+        actual_exact = sum((c.cost for c in costs), Decimal(0))
+        hours = sum((c.hours for c in costs), Decimal(0))
+        lost = sum((c.lost_hours for c in costs), Decimal(0))
+        price_exact = sum(((c.price_per_hour - p0) * c.hours for c in costs), Decimal(0))
+        preemption_exact = p0 * (lost - o0)
+        actual_cost, estimate_cost = money(actual_exact), money(estimate_exact)
+        variance = actual_cost - estimate_cost
+        price, preemption = money(price_exact), money(preemption_exact)
+        throughput = variance - price - preemption
+
+    rates = [s.tokens_per_second for s in samples if s.tokens_per_second is not None]
+    finished = [e.tokens for e in run_events if e.event == "finished" and e.tokens is not None]
+    sample_tokens = [s.tokens for s in samples if s.tokens is not None]
+    tokens = finished[-1] if finished else (max(sample_tokens) if sample_tokens else None)
+    return Reconciliation(
+        job_id=job.id, estimate_cost=estimate_cost, estimate_hours=est.expected_hours,
+        estimate_compute_hours=est.hours, estimate_overhead_hours=est.preemption_overhead_hours,
+        estimate_price_per_hour=p0, estimate_tokens_per_second=est.tokens_per_second,
+        actual_cost=actual_cost, actual_cost_exact=actual_exact, actual_hours=hours, lost_hours=lost,
+        tokens=tokens, tokens_per_second=sum(rates) / len(rates) if rates else None,
+        variance=variance, price=price, throughput=throughput, preemption=preemption, attempts=costs,
+        preemptions=sum(1 for a in attempts if a.end_reason == "preempted"),
+        open=any(c.open for c in costs), measured=measured)
+
+
+def _attempt_cost(a: "AttemptRecord", is_first: bool, checkpoints, samples, now: datetime,
+                  measured: bool) -> AttemptCost:
+    end = a.ended_at or max(now, a.started_at)
+    hours = _hours(a.started_at, end)
+    if not measured:
+        return AttemptCost(n=a.n, price_per_hour=Decimal(a.price_per_hour), hours=hours,
+                           cost=hours * Decimal(a.price_per_hour), restart_hours=Decimal(0),
+                           rework_hours=Decimal(0), open=a.ended_at is None)
+    steps = [s.time for s in samples if s.attempt == a.n and a.started_at <= s.time <= end]
+    first_step = min(steps) if steps else None
+    restart = Decimal(0)
+    if not is_first:
+        restart = _hours(a.started_at, first_step or end)
+    rework = Decimal(0)
+    if a.end_reason in INTERRUPTED:
+        if first_step is None:
+            rework = hours if is_first else Decimal(0)  # later attempts: already all restart
+        else:
+            saved = [c.time for c in checkpoints if c.attempt == a.n and first_step <= c.time <= end]
+            rework = _hours(max(saved) if saved else first_step, end)
+    return AttemptCost(n=a.n, price_per_hour=Decimal(a.price_per_hour), hours=hours,
+                       cost=hours * Decimal(a.price_per_hour), restart_hours=restart, rework_hours=rework,
+                       open=a.ended_at is None)
+
+
+def reconcile_job(ledger: "Ledger", job_id: str, now: Optional[datetime] = None) -> Reconciliation:
+    job = ledger.get_job(job_id)
+    return reconcile(job, ledger.attempts(job.id), ledger.checkpoints(job.id), ledger.samples(job.id),
+                     ledger.run_events(job.id), now=now)

@@ -1,0 +1,384 @@
+"""Training data: JSONL in three formats -> tokenized examples -> packed `seq_len` blocks.
+
+Formats (one JSON object per line; `auto` detects from the first record, then every line must
+match it):
+  alpaca  {"instruction", "input" (optional), "output", "system" (optional)}
+  chat    {"messages": [{"role": system|user|assistant, "content"}]} (OpenAI/Together; an
+          assistant message may carry "weight": 0 to exclude it from the loss), or ShareGPT
+          {"conversations": [{"from": system|human|gpt|user|assistant, "value"}]}
+  text    {"text"}
+
+Alpaca records become a user/assistant conversation. Conversations are rendered with the
+tokenizer's chat template when it has one, else a plain "### Role:" format. Rendering yields
+segments (text, trained?) that are tokenized one by one, so prompt tokens get label -100
+exactly (with data.completion_only_loss). EOS is appended when the rendering does not end
+with it. The first token of every example has label -100: in a packed block it would
+otherwise be predicted from the previous document.
+
+Length rule: a chat/alpaca example longer than seq_len is a bad line (error naming file and
+line, or a counted skip with data.on_bad_line=skip), since the model could never see its
+prompt and answer together. A `text` document is split into seq_len pieces instead: every
+piece is still useful language-model data.
+
+Packing streams the examples in file order into seq_len blocks with no padding except in the
+last block; an example that reaches past a block's end continues at the start of the next.
+Each block carries `position_ids` restarting at 0 at every document start and `document_ids`
+(the example's index in the file's example list, -1 for padding), so the train loop can keep
+attention within documents. Shuffling is the train loop's job (seeded), so resume is exact.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Literal, Optional
+
+log = logging.getLogger(__name__)
+
+Format = Literal["alpaca", "chat", "text"]
+IGNORE_INDEX = -100
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+_CHAT_ROLES = ("system", "user", "assistant")
+_FALLBACK_HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
+
+
+class DataError(Exception):
+    """Bad training data, worded as one line naming the file and, where it applies, the line."""
+
+
+class _BadLine(Exception):
+    """One line's problem; `reason` is the counter key for skip statistics."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    line: int  # 1-based line in the source file
+
+
+@dataclass
+class DataStats:
+    path: str
+    format: str
+    lines: int = 0  # non-empty lines read
+    examples: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    skipped_first: list[str] = field(default_factory=list)  # the first few skip messages
+    tokens: int = 0
+    target_tokens: int = 0  # tokens with a label (what the loss is computed on)
+    longest: int = 0
+    text_pieces: int = 0  # extra pieces made by splitting long `text` documents
+    train_examples: int = 0
+    val_examples: int = 0
+    train_blocks: int = 0
+    val_blocks: int = 0
+    padding_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def detect_format(record: object) -> Format:
+    if not isinstance(record, dict):
+        raise _BadLine("missing_fields", f"expected a JSON object, got {type(record).__name__}")
+    if "messages" in record or "conversations" in record:
+        return "chat"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    if "text" in record:
+        return "text"
+    keys = ", ".join(sorted(record)[:6]) or "none"
+    raise _BadLine("missing_fields", "cannot detect the format: expected 'messages', 'conversations', "
+                   f"'instruction'+'output' or 'text' (keys: {keys})")
+
+
+def _string(record: dict, key: str, *, required: bool = True, where: str = "") -> str:
+    value = record.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        what = "missing" if value is None else f"not a string ({type(value).__name__})"
+        raise _BadLine("missing_fields", f"field '{where}{key}' is {what}")
+    return value
+
+
+def _content(message: dict, key: str, where: str) -> str:
+    value = message.get(key)
+    if isinstance(value, list):  # OpenAI content parts: only text parts can be trained on
+        texts = [p.get("text") for p in value if isinstance(p, dict) and p.get("type") == "text"]
+        if len(texts) != len(value) or not all(isinstance(t, str) for t in texts):
+            raise _BadLine("missing_fields", f"field '{where}{key}' has non-text parts")
+        return "".join(texts)
+    return _string(message, key, where=where)
+
+
+def _conversation(record: object, fmt: Format) -> list[dict]:
+    """Normalize an alpaca or chat record to [{"role", "content", "train"}]."""
+    if not isinstance(record, dict):
+        raise _BadLine("missing_fields", f"expected a JSON object, got {type(record).__name__}")
+    if fmt == "alpaca":
+        instruction = _string(record, "instruction")
+        extra_input = _string(record, "input", required=False)
+        system = _string(record, "system", required=False)
+        user = f"{instruction}\n\n{extra_input}" if extra_input else instruction
+        turns = [{"role": "system", "content": system, "train": False}] if system else []
+        return turns + [{"role": "user", "content": user, "train": False},
+                        {"role": "assistant", "content": _string(record, "output"), "train": True}]
+    if "messages" in record:
+        key, role_key, text_key, roles = "messages", "role", "content", {r: r for r in _CHAT_ROLES}
+    elif "conversations" in record:
+        key, role_key, text_key, roles = "conversations", "from", "value", _SHAREGPT_ROLES
+    else:
+        raise _BadLine("missing_fields", "field 'messages' (or ShareGPT 'conversations') is missing")
+    messages = record[key]
+    if not isinstance(messages, list) or not messages:
+        raise _BadLine("missing_fields", f"field '{key}' must be a non-empty list")
+    turns = []
+    for i, message in enumerate(messages):
+        where = f"{key}[{i}]."
+        if not isinstance(message, dict):
+            raise _BadLine("missing_fields", f"'{key}[{i}]' is not an object")
+        role = roles.get(message.get(role_key))
+        if role is None:
+            raise _BadLine("missing_fields", f"field '{where}{role_key}' must be one of {', '.join(roles)}, "
+                           f"got {message.get(role_key)!r}")
+        weight = message.get("weight", 1)
+        if weight not in (0, 1):
+            raise _BadLine("missing_fields", f"field '{where}weight' must be 0 or 1")
+        turns.append({"role": role, "content": _content(message, text_key, where), "train": role == "assistant" and weight == 1})
+    if not any(t["role"] == "assistant" for t in turns):
+        raise _BadLine("missing_fields", f"'{key}' has no assistant message to learn from")
+    return turns
+
+
+def _render_template(tokenizer, turns: list[dict], add_generation_prompt: bool) -> str:
+    from jinja2 import TemplateError
+
+    messages = [{"role": t["role"], "content": t["content"]} for t in turns]
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:
+        raise _BadLine("template", f"the tokenizer's chat template rejects this conversation: {e}") from None
+
+
+def _template_segments(tokenizer, turns: list[dict]) -> list[tuple[str, bool]]:
+    """Split the template's rendering at each assistant turn's start and end.
+
+    Relies on the rendering of a conversation prefix being a string prefix of the whole,
+    which holds for common templates (Llama 3, Qwen 2.5, Mistral, Gemma).
+    """
+    full = _render_template(tokenizer, turns, add_generation_prompt=False)
+    segments: list[tuple[str, bool]] = []
+    done = 0
+    for i, turn in enumerate(turns):
+        if turn["role"] != "assistant":
+            continue
+        start = _render_template(tokenizer, turns[:i], add_generation_prompt=True) if i else ""
+        end = _render_template(tokenizer, turns[: i + 1], add_generation_prompt=False)
+        if not (full.startswith(end) and end.startswith(start) and len(start) >= done):
+            raise _BadLine("template", "the tokenizer's chat template does not render a conversation prefix as a "
+                           "prefix of the whole, so prompt and completion tokens cannot be told apart")
+        segments += [(full[done:len(start)], False), (full[len(start):len(end)], turn["train"])]
+        done = len(end)
+    segments.append((full[done:], False))
+    return segments
+
+
+def _fallback_segments(tokenizer, turns: list[dict]) -> list[tuple[str, bool]]:
+    segments: list[tuple[str, bool]] = [(tokenizer.bos_token or "", False)]
+    for turn in turns:
+        header = _FALLBACK_HEADERS[turn["role"]]
+        if turn["role"] == "assistant":
+            segments += [(header, False), (turn["content"] + (tokenizer.eos_token or ""), turn["train"]), ("\n\n", False)]
+        else:
+            segments.append((header + turn["content"] + "\n\n", False))
+    if segments[-1] == ("\n\n", False):
+        segments.pop()  # the conversation ends on the assistant's eos
+    return segments
+
+
+def _segments(record: object, fmt: Format, tokenizer) -> list[tuple[str, bool]]:
+    if fmt == "text":
+        if not isinstance(record, dict):
+            raise _BadLine("missing_fields", f"expected a JSON object, got {type(record).__name__}")
+        return [(tokenizer.bos_token or "", False), (_string(record, "text"), True)]
+    turns = _conversation(record, fmt)
+    if getattr(tokenizer, "chat_template", None):
+        return _template_segments(tokenizer, turns)
+    return _fallback_segments(tokenizer, turns)
+
+
+def _tokenize(segments: list[tuple[str, bool]], tokenizer, completion_only_loss: bool) -> tuple[list[int], list[int]]:
+    texts = [text for text, _ in segments if text]
+    trained = [train for text, train in segments if text]
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for ids, train in zip(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [], trained):
+        input_ids += ids
+        labels += ids if (train or not completion_only_loss) else [IGNORE_INDEX] * len(ids)
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not input_ids or input_ids[-1] != eos):
+        last_trained = bool(labels) and labels[-1] != IGNORE_INDEX
+        input_ids.append(eos)
+        labels.append(eos if (last_trained or not completion_only_loss) else IGNORE_INDEX)
+    if labels:
+        labels[0] = IGNORE_INDEX
+    return input_ids, labels
+
+
+def _split_text(input_ids: list[int], labels: list[int], seq_len: int) -> list[tuple[list[int], list[int]]]:
+    pieces = []
+    for start in range(0, len(input_ids), seq_len):
+        piece_labels = labels[start:start + seq_len]
+        piece_labels[0] = IGNORE_INDEX
+        pieces.append((input_ids[start:start + seq_len], piece_labels))
+    return pieces
+
+
+def load_examples(path: Path | str, fmt: str, tokenizer, seq_len: int, completion_only_loss: bool = True,
+                  on_bad_line: str = "error") -> tuple[list[Example], DataStats]:
+    """Read and tokenize every line; bad lines raise DataError("file:line: ...") or are counted and skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}" if not path.exists() else f"data path is not a file: {path}")
+    if fmt not in ("auto", "alpaca", "chat", "text"):
+        raise DataError(f"unknown data format {fmt!r} (expected auto, alpaca, chat or text)")
+    stats = DataStats(path=str(path), format=fmt)
+    skipped: Counter = Counter()
+    examples: list[Example] = []
+    detected: Optional[Format] = None if fmt == "auto" else fmt  # type: ignore[assignment]
+
+    def bad(line_no: int, reason: str, message: str) -> None:
+        full = f"{path}:{line_no}: {message}"
+        if on_bad_line != "skip":
+            raise DataError(full)
+        skipped[reason] += 1
+        if len(stats.skipped_first) < 5:
+            stats.skipped_first.append(full)
+
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                text_line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                stats.lines += 1
+                bad(line_no, "not_json", f"not valid UTF-8 ({e.reason} at byte {e.start})")
+                continue
+            if not text_line:
+                continue
+            stats.lines += 1
+            try:
+                record = json.loads(text_line)
+            except json.JSONDecodeError as e:
+                bad(line_no, "not_json", f"not valid JSON ({e.msg} at column {e.colno})")
+                continue
+            try:
+                if detected is None:
+                    detected = detect_format(record)
+                input_ids, labels = _tokenize(_segments(record, detected, tokenizer), tokenizer, completion_only_loss)
+                if detected != "text" and len(input_ids) > seq_len:
+                    raise _BadLine("too_long", f"example is {len(input_ids)} tokens, longer than seq_len {seq_len} "
+                                   "(raise seq_len, shorten it, or set data.on_bad_line: skip)")
+                if completion_only_loss and all(label == IGNORE_INDEX for label in labels):
+                    raise _BadLine("missing_fields", "example has no tokens to learn from (empty completion)")
+            except _BadLine as e:
+                bad(line_no, e.reason, str(e))
+                continue
+            pieces = _split_text(input_ids, labels, seq_len) if detected == "text" else [(input_ids, labels)]
+            stats.text_pieces += len(pieces) - 1
+            for ids, labs in pieces:
+                examples.append(Example(ids, labs, line_no))
+                stats.tokens += len(ids)
+                stats.target_tokens += sum(1 for label in labs if label != IGNORE_INDEX)
+                stats.longest = max(stats.longest, len(ids))
+
+    stats.format = detected or fmt
+    stats.skipped = dict(skipped)
+    stats.examples = len(examples)
+    if not examples:
+        reason = f" ({sum(skipped.values())} bad lines skipped)" if skipped else ""
+        raise DataError(f"{path}: no training examples{reason}")
+    if skipped:
+        log.warning("%s: skipped %d of %d lines (%s); first: %s", path, sum(skipped.values()), stats.lines,
+                    ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())), stats.skipped_first[0])
+    return examples, stats
+
+
+def pack(examples: Iterable[Example], seq_len: int, pad_id: int, drop_last: bool = False,
+         document_offset: int = 0) -> list[dict[str, list[int]]]:
+    """Stream examples into seq_len blocks: no padding except in the last block (or drop it).
+
+    `document_ids` are the example's position in `examples` (+ document_offset); -1 marks padding.
+    """
+    blocks: list[dict[str, list[int]]] = []
+    current = _empty_block()
+    for doc, example in enumerate(examples, start=document_offset):
+        offset = 0
+        while offset < len(example.input_ids):
+            take = min(seq_len - len(current["input_ids"]), len(example.input_ids) - offset)
+            current["input_ids"] += example.input_ids[offset:offset + take]
+            labels = example.labels[offset:offset + take]
+            if offset:
+                # A continuation cannot see its first token's predecessor (previous block).
+                labels[0] = IGNORE_INDEX
+            current["labels"] += labels
+            current["position_ids"] += range(take)
+            current["document_ids"] += [doc] * take
+            offset += take
+            if len(current["input_ids"]) == seq_len:
+                blocks.append(current)
+                current = _empty_block()
+    if current["input_ids"] and not drop_last:
+        pad = seq_len - len(current["input_ids"])
+        current["input_ids"] += [pad_id] * pad
+        current["labels"] += [IGNORE_INDEX] * pad
+        current["position_ids"] += range(pad)
+        current["document_ids"] += [-1] * pad
+        blocks.append(current)
+    return blocks
+
+
+def _empty_block() -> dict[str, list[int]]:
+    return {"input_ids": [], "labels": [], "position_ids": [], "document_ids": []}
+
+
+def split_validation(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out `fraction` of the source lines (all pieces of a line go to the same side), by seed."""
+    if fraction <= 0:
+        return examples, []
+    lines = sorted({e.line for e in examples})
+    n_val = max(1, round(len(lines) * fraction)) if len(lines) > 1 else 0
+    held_out = set(random.Random(seed).sample(lines, n_val))
+    return [e for e in examples if e.line not in held_out], [e for e in examples if e.line in held_out]
+
+
+def pad_token_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+def build_datasets(cfg, tokenizer) -> tuple[list[dict[str, list[int]]], list[dict[str, list[int]]], DataStats]:
+    """From a TrainConfig: (train_blocks, val_blocks, stats). Raises DataError before any training starts."""
+    examples, stats = load_examples(cfg.data_path(), cfg.data.format, tokenizer, cfg.seq_len,
+                                    cfg.data.completion_only_loss, cfg.data.on_bad_line)
+    train, val = split_validation(examples, cfg.data.validation_fraction, cfg.train.seed)
+    if not train:
+        raise DataError(f"{stats.path}: no training examples left after holding out validation_fraction "
+                        f"{cfg.data.validation_fraction}")
+    pad = pad_token_id(tokenizer)
+    train_blocks = pack(train, cfg.seq_len, pad)
+    val_blocks = pack(val, cfg.seq_len, pad, document_offset=len(train))
+    stats.train_examples, stats.val_examples = len(train), len(val)
+    stats.train_blocks, stats.val_blocks = len(train_blocks), len(val_blocks)
+    stats.padding_tokens = sum(b["document_ids"].count(-1) for b in train_blocks + val_blocks)
+    return train_blocks, val_blocks, stats

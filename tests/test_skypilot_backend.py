@@ -1,0 +1,239 @@
+"""SkyPilotBackend against recorded queue_v2 snapshots: the SDK is replaced at its boundary (the five
+calls the backend makes), SkyPilot's own decoder and the real adapter code do the rest."""
+from __future__ import annotations
+
+import copy
+import json
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from sky_catalog import catalog_offers, sky_with_seeded_catalog
+
+from launch.base import BackendError, LaunchRequest, Placement
+from launch.skypilot import SkyPilotBackend
+from orchestrator.plan import money
+
+sky = sky_with_seeded_catalog()
+from sky.server.requests.serializers.decoders import decode_jobs_queue_v2  # noqa: E402
+from sky.utils import dag_utils  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures" / "sky"
+T = 1795000000.0
+EAST = Placement("aws", "us-east-1", "A10G", 1, True, Decimal("0.436400"), "g5.xlarge")
+WEST = Placement("aws", "us-west-2", "A10G", 1, True, Decimal("0.485700"), "g5.xlarge")
+
+
+class FakeSky:
+    """Stands in for the `sky` module: jobs.launch / queue_v2 / cancel / tail_logs and get.
+
+    Each call returns a request id, resolved by get(), as the client SDK does. queue_v2 answers
+    with the next recorded snapshot, decoded by SkyPilot's own decoder into ManagedJobRecords."""
+
+    def __init__(self, scenario: str, log: str = ""):
+        recorded = json.loads((FIXTURES / f"{scenario}.json").read_text())
+        self.managed_job_id = recorded["managed_job_id"]
+        self.snapshots = recorded["polls"]
+        self.log = log
+        self.results, self.sent_yaml, self.cancelled, self.queue_fields = {}, None, [], None
+        self.jobs = SimpleNamespace(launch=self._launch, queue_v2=self._queue_v2, cancel=self._cancel,
+                                    tail_logs=self._tail_logs)
+
+    def _request(self, result) -> str:
+        request_id = f"req-{len(self.results) + len(self.cancelled) + 1}-{id(result)}"
+        self.results[request_id] = result
+        return request_id
+
+    def get(self, request_id):
+        return self.results.pop(request_id)
+
+    def _launch(self, task, name=None):
+        self.task, self.name = task, name
+        # What the real client sends to the API server.
+        self.sent_yaml = dag_utils.dump_dag_to_yaml_str(dag_utils.convert_entrypoint_to_dag(task))
+        return self._request(([self.managed_job_id], None))
+
+    def _queue_v2(self, refresh, skip_finished=False, all_users=False, job_ids=None, fields=None, **_):
+        self.queue_fields = fields
+        snapshot = self.snapshots.pop(0) if len(self.snapshots) > 1 else self.snapshots[0]
+        return self._request(decode_jobs_queue_v2(copy.deepcopy(snapshot)))
+
+    def _cancel(self, name=None, job_ids=None, graceful=False, **_):
+        self.cancelled.append((job_ids, graceful))
+        return self._request(None)
+
+    def _tail_logs(self, name=None, job_id=None, follow=True, preload_content=True, **_):
+        assert preload_content is False
+        half = len(self.log) // 2  # chunks need not end on a line boundary
+        return iter([self.log[:half], self.log[half:], None])
+
+
+@pytest.fixture
+def request_for(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"text": "hello"}\n')
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text("name: demo\nmodel: tiny-llama\nmethod: lora\ndata: {path: train.jsonl}\n")
+    return LaunchRequest(job_id="demo-1", spec_path=spec_path, run_dir=tmp_path / "runs" / "demo-1",
+                         placements=(EAST, WEST), env={"SPOTUNE_JOB_ID": "demo-1"})
+
+
+def backend(tmp_path, fake) -> SkyPilotBackend:
+    return SkyPilotBackend(tmp_path / "runs", sdk=fake, offers=catalog_offers(), events_refresh_seconds=0)
+
+
+def utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+def cost(attempts) -> Decimal:
+    return money(sum((Decimal(str((a.ended_at - a.started_at).total_seconds())) / 3600 * a.placement.price_per_hour
+                      for a in attempts), Decimal(0)))
+
+
+def test_preempted_in_us_east_1_then_succeeded_in_us_west_2_gives_two_priced_attempts(tmp_path, request_for):
+    fake = FakeSky("preempted_then_succeeded")
+    sky_backend = backend(tmp_path, fake)
+    external_id = sky_backend.submit(request_for)
+    assert external_id == "7"
+
+    observations = [sky_backend.poll(external_id) for _ in range(7)]
+
+    assert [o.state for o in observations] == ["pending", "pending", "running", "running", "recovering",
+                                               "running", "succeeded"]
+    first, second = observations[-1].attempts
+    assert (first.n, first.placement.region, first.placement.instance_type, first.placement.spot) == (
+        1, "us-east-1", "g5.xlarge", True)
+    assert first.placement.price_per_hour == Decimal("0.436400")
+    assert (first.started_at, first.ended_at, first.end_reason) == (utc(T + 120), utc(T + 3720), "preempted")
+    assert first.external_id == "demo-1-7-5f3a-2ea4c1d0"
+    assert (second.n, second.placement.region, second.placement.price_per_hour) == (2, "us-west-2", Decimal("0.485700"))
+    assert (second.started_at, second.ended_at, second.end_reason) == (utc(T + 4000), utc(T + 9400), "finished")
+    # 1 h at $0.4364 + 1.5 h at $0.4857
+    assert cost(observations[-1].attempts) == Decimal("1.16")
+    # The attempt closes as soon as SkyPilot reports RECOVERING, before the new region is known.
+    assert [a.end_reason for a in observations[4].attempts] == ["preempted"]
+    assert {"cloud", "region", "last_recovered_at", "job_duration", "cluster_resources_full"} <= set(fake.queue_fields)
+
+
+def test_a_re_attached_backend_continues_the_attempt_history(tmp_path, request_for):
+    fake = FakeSky("preempted_then_succeeded")
+    first_cli = backend(tmp_path, fake)
+    external_id = first_cli.submit(request_for)
+    for _ in range(5):  # up to RECOVERING
+        first_cli.poll(external_id)
+
+    second_cli = backend(tmp_path, fake)  # a new process: knows only the runs dir
+    final = [second_cli.poll(external_id) for _ in range(2)][-1]
+
+    assert [(a.n, a.placement.region, a.end_reason) for a in final.attempts] == [
+        (1, "us-east-1", "preempted"), (2, "us-west-2", "finished")]
+
+
+def test_a_recovery_between_two_polls_still_closes_the_first_attempt(tmp_path, request_for):
+    fake = FakeSky("recovered_between_polls")
+    sky_backend = backend(tmp_path, fake)
+    external_id = sky_backend.submit(request_for)
+    states = [sky_backend.poll(external_id).state for _ in range(3)]
+    final = sky_backend.poll(external_id)
+
+    assert states == ["running", "running", "cancelled"]
+    first, second = final.attempts
+    assert (first.ended_at, first.end_reason) == (utc(T + 4000), "preempted")
+    assert (second.placement.region, second.ended_at, second.end_reason) == ("us-west-2", utc(T + 4600), "cancelled")
+
+
+def test_no_resources_fails_the_job_with_skypilots_reason_and_no_attempt(tmp_path, request_for):
+    fake = FakeSky("failed_no_resource")
+    sky_backend = backend(tmp_path, fake)
+    external_id = sky_backend.submit(request_for)
+    final = [sky_backend.poll(external_id) for _ in range(3)][-1]
+
+    assert final.state == "failed"
+    assert final.attempts == ()
+    assert final.detail.startswith("no resources: Failed to acquire resources in all zones in us-east-1")
+
+
+def test_setup_failure_fails_the_job_and_closes_its_attempt(tmp_path, request_for):
+    fake = FakeSky("failed_setup")
+    sky_backend = backend(tmp_path, fake)
+    external_id = sky_backend.submit(request_for)
+    final = [sky_backend.poll(external_id) for _ in range(3)][-1]
+
+    assert (final.state, final.detail) == ("failed", "setup failed: Setup command failed with exit code 1.")
+    (attempt,) = final.attempts
+    assert (attempt.placement.region, attempt.ended_at, attempt.end_reason) == ("us-east-1", utc(T + 420), "failed")
+
+
+def test_recipe_crash_is_reported_as_such(tmp_path, request_for):
+    fake = FakeSky("recipe_crashed")
+    sky_backend = backend(tmp_path, fake)
+    external_id = sky_backend.submit(request_for)
+    final = [sky_backend.poll(external_id) for _ in range(2)][-1]
+    assert (final.state, final.detail) == ("failed", "recipe crashed: Job failed with return code list: [1]")
+    assert final.attempts[0].end_reason == "failed"
+
+
+def test_submit_sends_secrets_from_the_environment_and_keeps_them_out_of_envs_and_state(
+        tmp_path, request_for, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_only_for_the_node_41a7")
+    fake = FakeSky("preempted_then_succeeded")
+    sky_backend = backend(tmp_path, fake)
+    sky_backend.submit(request_for)
+
+    assert fake.name == "demo-1"
+    assert fake.task.secrets["HF_TOKEN"].get_secret_value() == "hf_only_for_the_node_41a7"
+    assert "HF_TOKEN" not in fake.task.envs
+    assert [(str(r.cloud), r.region) for r in fake.task.resources] == [("AWS", "us-east-1"), ("AWS", "us-west-2")]
+    state_text = (request_for.run_dir / "skypilot.json").read_text()
+    assert "hf_only_for_the_node_41a7" not in state_text
+
+
+def test_progress_events_are_collected_from_the_job_log_without_duplicates(tmp_path, request_for):
+    start = json.dumps({"event": "start", "time": T + 130, "attempt": 1, "resumed_from_step": None})
+    step = json.dumps({"event": "step", "time": T + 200, "attempt": 1, "step": 1, "tokens": 4096})
+    resumed = json.dumps({"event": "start", "time": T + 4010, "attempt": 2, "resumed_from_step": 1})
+    log = "\n".join([
+        "Setting up...", f"[spotune-event] {start}", f"[spotune-event] {step}", "step 1 loss 2.3",
+        # after the recovery the new node re-emits the synced file, then appends
+        f"[spotune-event] {start}", f"[spotune-event] {step}", f"[spotune-event] {resumed}",
+        "[spotune-event] {truncated", ""])
+    fake = FakeSky("preempted_then_succeeded", log=log)
+    sky_backend = backend(tmp_path, fake)
+    external_id = sky_backend.submit(request_for)
+    final = [sky_backend.poll(external_id) for _ in range(7)][-1]
+
+    assert final.events_path == request_for.run_dir / "events.jsonl"
+    assert final.events_path.read_text().splitlines() == [start, step, resumed]
+
+
+def test_cancel_is_graceful_so_the_sigterm_checkpoint_is_uploaded(tmp_path, request_for):
+    fake = FakeSky("preempted_then_succeeded")
+    sky_backend = backend(tmp_path, fake)
+    external_id = sky_backend.submit(request_for)
+    sky_backend.cancel(external_id)
+    sky_backend.cancel(external_id, graceful=False)
+    assert fake.cancelled == [([7], True), ([7], False)]
+
+
+def test_logs_yield_whole_lines_across_chunks(tmp_path, request_for):
+    fake = FakeSky("preempted_then_succeeded", log="alpha\nbeta gamma\ndelta")
+    sky_backend = backend(tmp_path, fake)
+    external_id = sky_backend.submit(request_for)
+    assert list(sky_backend.logs(external_id)) == ["alpha", "beta gamma", "delta"]
+
+
+def test_a_real_sdk_call_with_the_local_api_server_disabled_fails_fast_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("SKYPILOT_DISABLE_LOCAL_API_SERVER", "1")
+    real = SkyPilotBackend(tmp_path / "runs", offers=[])
+    with pytest.raises(BackendError) as failure:
+        real.cancel("7")
+    message = str(failure.value)
+    assert message.startswith("SkyPilot cancel failed: No SkyPilot API server endpoint is configured")
+    assert "SKYPILOT_DISABLE_LOCAL_API_SERVER=1" in message and "\n" not in message
+
+
+def test_polling_an_unknown_job_is_one_clear_error(tmp_path):
+    with pytest.raises(BackendError, match="no run directory under .* knows SkyPilot managed job 99"):
+        backend(tmp_path, FakeSky("failed_setup")).poll("99")

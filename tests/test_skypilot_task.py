@@ -1,0 +1,164 @@
+"""The SkyPilot task built from a plan, checked with real sky objects on a seeded catalog (offline)."""
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+import yaml
+from sky_catalog import catalog_offers, sky_with_seeded_catalog
+
+from launch.sky_task import (CHECKPOINT_MOUNT, SkyTaskError, build_task, placements_from_plan,
+                             render_task_yaml)
+from orchestrator.plan import Option, Plan
+from orchestrator.spec import load_spec
+
+sky = sky_with_seeded_catalog()
+OFFERS = catalog_offers()
+
+
+def offer(provider, region, instance_type):
+    return next(o for o in OFFERS if (o.provider, o.region, o.instance_type) == (provider, region, instance_type))
+
+
+def option(rank, provider, region, instance_type, spot, hours):
+    o = offer(provider, region, instance_type)
+    price = o.price(spot)
+    return Option(rank=rank, offer=o, spot=spot, price_per_hour=price, micro_batch=4, grad_accum=8,
+                  gradient_checkpointing=False, tokens_per_second=3000.0, memory_gb_per_gpu=20.0,
+                  hours=hours, preemption_overhead_hours=0.0, expected_cost=price * Decimal(str(hours)))
+
+
+def plan_of(*options):
+    ranked = sorted(options, key=lambda o: o.expected_cost)
+    return Plan(job="demo", model_name="tiny-llama", params=1, method="lora", total_tokens=10**6,
+                options=tuple(ranked), rejected=(), managed=(), catalog_snapshot="bundled")
+
+
+# Cheapest in expected cost is 8x A100 spot (fast), not the cheapest per hour (1x A100 on Lambda).
+EIGHT_A100_SPOT = ("aws", "us-east-2", "p4d.24xlarge", True, 1.0)
+ONE_A100_LAMBDA = ("lambda", "us-east-1", "gpu_1x_a100", False, 8.5)
+ONE_A100_GCP_SPOT = ("gcp", "europe-west4", "a2-highgpu-1g", True, 8.5)
+
+
+@pytest.fixture
+def spec(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"text": "hello"}\n')
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: demo\nmodel: tiny-llama\nmethod: lora\ndata: {path: train.jsonl}\n")
+    return load_spec(path)
+
+
+@pytest.fixture
+def plan():
+    return plan_of(option(1, *EIGHT_A100_SPOT), option(2, *ONE_A100_LAMBDA), option(3, *ONE_A100_GCP_SPOT))
+
+
+def test_dry_run_yaml_round_trips_through_sky_task(spec, plan):
+    config = yaml.safe_load(render_task_yaml(spec, plan, "demo-1"))
+    task = sky.Task.from_yaml_config(dict(config))
+    again = task.to_yaml_config()
+    for key in ("resources", "setup", "run", "workdir", "envs"):
+        assert again[key] == config[key], key
+    assert again["file_mounts"] == config["file_mounts"]
+    assert isinstance(task.resources, list) and len(task.resources) == 3
+
+
+def test_first_resource_is_the_planners_top_option_and_order_is_kept(spec, plan):
+    task, skipped = build_task(spec, "demo-1", placements_from_plan(plan))
+    assert skipped == []
+    got = [(str(r.cloud).lower(), r.region, r.instance_type, r.use_spot) for r in task.resources]
+    want = [(o.offer.provider, o.offer.region, o.offer.instance_type, o.spot) for o in plan.options]
+    assert got == want
+    first = task.resources[0]
+    assert first.accelerators == {"A100": 8}
+    assert first.job_recovery["strategy"] == "EAGER_NEXT_REGION"
+    assert first.job_recovery["max_restarts_on_errors"] == 3
+
+
+def test_options_are_capped_at_max_options_and_recovery_follows_the_spec(spec, plan):
+    spec.sky.max_options = 2
+    spec.sky.recovery_strategy = "FAILOVER"
+    spec.sky.max_restarts_on_errors = 1
+    task, _ = build_task(spec, "demo-1", placements_from_plan(plan))
+    assert len(task.resources) == 2
+    assert {r.job_recovery["strategy"] for r in task.resources} == {"FAILOVER"}
+    assert {r.job_recovery["max_restarts_on_errors"] for r in task.resources} == {1}
+
+
+def test_checkpoint_bucket_is_mounted_cached_and_the_run_is_keyed_by_task_id(spec, plan):
+    task, _ = build_task(spec, "Demo_1", placements_from_plan(plan))
+    storage = task.storage_mounts[CHECKPOINT_MOUNT]
+    assert storage.mode == sky.StorageMode.MOUNT_CACHED
+    assert storage.name == "spotune-ckpt-demo-1"
+    assert '--run-dir "$RUN_DIR" --checkpoint-dir "$RUN_DIR/checkpoints"' in task.run
+    assert 'RUN_DIR="/ckpt/$SKYPILOT_TASK_ID"' in task.run
+    assert "pip install -q -e '.[train]'" in task.setup
+    node_spec = yaml.safe_load(task.envs["SPOTUNE_SPEC_YAML"])
+    assert node_spec["data"]["path"] == "/spotune-data/train.jsonl"
+    assert task.file_mounts["/spotune-data/train.jsonl"] == str(spec.data_path().resolve())
+
+
+def test_spec_bucket_url_is_mounted_as_the_existing_bucket(spec, plan):
+    spec.sky.bucket = "s3://my-ckpts"
+    task, _ = build_task(spec, "demo-1", placements_from_plan(plan))
+    assert task.storage_mounts[CHECKPOINT_MOUNT].source == "s3://my-ckpts"
+
+
+def test_hf_token_value_never_appears_in_the_dry_run_yaml(spec, plan, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_do_not_leak_8d1f2c")
+    text = render_task_yaml(spec, plan, "demo-1")
+    assert "hf_do_not_leak_8d1f2c" not in text
+    assert yaml.safe_load(text)["secrets"] == {"HF_TOKEN": None}
+
+
+def test_secret_values_go_into_sky_secrets_not_envs(spec, plan):
+    task, _ = build_task(spec, "demo-1", placements_from_plan(plan), secrets={"HF_TOKEN": "hf_x"})
+    assert "HF_TOKEN" not in task.envs
+    assert task.secrets["HF_TOKEN"].get_secret_value() == "hf_x"
+
+
+def test_offers_skypilot_cannot_launch_are_skipped_with_the_reason(spec, plan):
+    managed = option(1, *EIGHT_A100_SPOT)
+    managed = Option(**{**managed.__dict__, "offer": managed.offer.__class__(
+        **{**managed.offer.__dict__, "provider": "together"})})
+    text = render_task_yaml(spec, plan_of(managed, option(2, *ONE_A100_LAMBDA)), "demo-1")
+    assert "# skipped together/us-east-2 A100:8 spot: SkyPilot has no cloud named 'together'" in text
+    with pytest.raises(SkyTaskError, match="no option in the plan can be launched through SkyPilot"):
+        render_task_yaml(spec, plan_of(managed), "demo-1")
+
+
+def _optimize(task, monkeypatch):
+    clouds = [sky.clouds.AWS(), sky.clouds.Lambda(), sky.clouds.GCP()]
+    monkeypatch.setattr(sky.check, "get_cached_enabled_clouds_or_refresh", lambda *a, **k: clouds)
+    monkeypatch.setattr(sky.check, "check_capability", lambda *a, **k: {})
+    dag = sky.Dag()
+    dag.add(task)
+    sky.Optimizer.optimize(dag, quiet=True)
+    return task.best_resources
+
+
+def test_skypilot_optimizer_launches_the_planners_top_option_first(spec, plan, monkeypatch):
+    config = yaml.safe_load(render_task_yaml(spec, plan, "demo-1"))
+    task = sky.Task.from_yaml_config(config)
+    best = _optimize(task, monkeypatch)
+    top = plan.best
+    assert (str(best.cloud).lower(), best.region, best.instance_type, best.use_spot) == (
+        top.offer.provider, top.offer.region, top.offer.instance_type, top.spot)
+
+
+def test_skypilot_optimizer_given_our_runtimes_prices_the_top_option_cheapest(spec, plan, monkeypatch):
+    """Free to choose (any_of) and told each option's runtime, SkyPilot's own cost model over its
+    own catalog picks the planner's top option, or one priced the same."""
+    task, _ = build_task(spec, "demo-1", placements_from_plan(plan))
+    hours = {(o.offer.provider, o.offer.region, o.offer.instance_type, o.spot): o.expected_hours for o in plan.options}
+    task.set_resources(set(task.resources))
+    task.set_time_estimator(lambda r: 3600 * hours[(str(r.cloud).lower(), r.region, r.instance_type, r.use_spot)])
+    best = _optimize(task, monkeypatch)
+    sky_cost = Decimal(str(best.get_cost(3600 * hours[(str(best.cloud).lower(), best.region, best.instance_type, best.use_spot)])))
+    assert abs(sky_cost - plan.best.expected_cost) < Decimal("0.01")
+    # Without our runtimes SkyPilot assumes one hour everywhere and picks the cheapest hourly
+    # price instead, which is why the order is pinned in the launched task.
+    task.set_time_estimator(None)
+    task.time_estimator_func = None
+    hourly = _optimize(task, monkeypatch)
+    assert (str(hourly.cloud).lower(), hourly.instance_type) == ("gcp", "a2-highgpu-1g")
