@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -28,12 +29,12 @@ from typing import Mapping, Optional, Sequence
 import yaml
 
 from launch.base import BackendError, Placement
+from launch.event_log import mirror_command
 from orchestrator.errors import UserError
 
 CHECKPOINT_MOUNT = "/ckpt"
 NODE_DATA_DIR = "/spotune-data"
 NODE_SPEC_FILE = "$HOME/spotune-spec.yaml"
-EVENT_LOG_PREFIX = "[spotune-event] "
 # The recipe exits 75 after a clean checkpoint on SIGTERM (a spot termination notice): recover
 # then, whatever max_restarts_on_errors says.
 PREEMPTED_EXIT_CODE = 75
@@ -103,7 +104,7 @@ def run_commands() -> str:
         'mkdir -p "$RUN_DIR"',
         f'printf "%s\\n" "$SPOTUNE_SPEC_YAML" > "{NODE_SPEC_FILE}"',
         # Progress reaches the backend through the job log: every event line, prefixed.
-        f'(tail -n +1 -F "$RUN_DIR/events.jsonl" 2>/dev/null | sed -u "s/^/{EVENT_LOG_PREFIX}/") &',
+        mirror_command("$RUN_DIR"),
         f'python -m recipes.sft "{NODE_SPEC_FILE}" --run-dir "$RUN_DIR" --checkpoint-dir "$RUN_DIR/checkpoints"',
     ]) + "\n"
 
@@ -121,6 +122,7 @@ def sky_resources(spec, placements: Sequence[Placement]):
     catalog does not list, is skipped with the reason rather than failing the whole task.
     """
     import sky
+    from sky import exceptions
     from sky.utils import registry
 
     resources, skipped = [], []
@@ -138,12 +140,23 @@ def sky_resources(spec, placements: Sequence[Placement]):
             resources.append(sky.Resources(
                 infra=f"{p.provider}/{p.region}", instance_type=p.instance_type,
                 accelerators={p.gpu: p.gpu_count}, use_spot=p.spot, job_recovery=_job_recovery(spec)))
-        except Exception as e:  # sky raises ValueError/ResourcesUnavailableError with user text
-            skipped.append(SkippedPlacement(p, _first_line(e)))
+        except (ValueError, exceptions.ResourcesUnavailableError) as e:  # not in sky's catalog
+            skipped.append(SkippedPlacement(p, first_line(e)))
     return resources, skipped
 
 
-def _first_line(e: BaseException) -> str:
+@contextmanager
+def _catalog_fetch_is_one_line():
+    """SkyPilot downloads a cloud's catalog the first time it needs it; offline that is a
+    requests ConnectionError (an OSError) from deep inside sky: say it in one line."""
+    try:
+        yield
+    except OSError as e:
+        raise SkyTaskError("SkyPilot could not fetch its price catalog (offline? its catalogs live in "
+                           f"${{SKY_RUNTIME_DIR:-$HOME}}/.sky/catalogs): {first_line(e)}") from None
+
+
+def first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return re.sub(r"\x1b\[[0-9;]*m", "", text.splitlines()[0])
 
@@ -158,6 +171,11 @@ def build_task(spec, job_id: str, placements: Sequence[Placement], *,
                secrets: Optional[Mapping[str, str]] = None, env: Optional[Mapping[str, str]] = None):
     """(sky.Task, skipped placements) for a job. `secrets` are values (from the user's environment
     at launch time); leave them out to build the task for display."""
+    with _catalog_fetch_is_one_line():
+        return _build_task(spec, job_id, placements, secrets, env)
+
+
+def _build_task(spec, job_id, placements, secrets, env):
     import sky
 
     resources, skipped = sky_resources(spec, placements)
@@ -195,7 +213,8 @@ def render_task_yaml(spec, plan, job_id: str) -> str:
     """The task YAML `spotune launch --backend skypilot --dry-run` prints. Secrets appear by name
     with no value: `sky jobs launch FILE --secret HF_TOKEN` would fill them from the environment."""
     task, skipped = build_task(spec, job_id, placements_from_plan(plan))
-    config = task.to_yaml_config()
+    with _catalog_fetch_is_one_line():
+        config = task.to_yaml_config()
     if spec.sky.secrets:
         config["secrets"] = {name: None for name in spec.sky.secrets}
     header = [f"# spotune job {job_id}: SkyPilot managed-job task (dry run, nothing launched)",

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from launch.base import BackendError, LaunchRequest, Observation, ObservedAttempt, Placement
-from launch.sky_task import (EVENT_LOG_PREFIX, SkyTaskError, _first_line, build_task,
-                             secrets_from_environment)
+from launch.event_log import merge_events
+from launch.sky_task import SkyTaskError, first_line, build_task, secrets_from_environment
 
 STATE_FILE = "skypilot.json"
 QUEUE_FIELDS = ["job_id", "task_id", "job_name", "status", "recovery_count", "submitted_at",
@@ -77,7 +77,7 @@ class SkyPilotBackend:
         except BackendError:
             raise
         except Exception as e:
-            raise BackendError(f"SkyPilot {what} failed: {_first_line(e)}") from None
+            raise BackendError(f"SkyPilot {what} failed: {first_line(e)}") from None
 
     # -- protocol ----------------------------------------------------------------------------
     def submit(self, request: LaunchRequest) -> str:
@@ -124,7 +124,7 @@ class SkyPilotBackend:
             chunks = self._sky.jobs.tail_logs(job_id=int(external_id), follow=follow, preload_content=False)
             yield from _lines(chunks)
         except Exception as e:
-            raise BackendError(f"SkyPilot logs failed: {_first_line(e)}") from None
+            raise BackendError(f"SkyPilot logs failed: {first_line(e)}") from None
 
     # -- snapshots -> attempts ---------------------------------------------------------------
     def _record(self, external_id: str):
@@ -213,19 +213,7 @@ class SkyPilotBackend:
 
     def fetch_events(self, external_id: str) -> Path:
         """Rebuild <run_dir>/events.jsonl from the `[spotune-event]` lines of the job log."""
-        events_path = self._run_dir(external_id) / "events.jsonl"
-        known = events_path.read_text().splitlines() if events_path.exists() else []
-        seen = set(known)
-        for line in self.logs(external_id, follow=False):
-            _, marker, event = line.partition(EVENT_LOG_PREFIX)
-            event = event.strip()
-            if marker and event and event not in seen and _is_json_object(event):
-                seen.add(event)
-                known.append(event)
-        tmp = events_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in known))
-        os.replace(tmp, events_path)
-        return events_path
+        return merge_events(self.logs(external_id, follow=False), self._run_dir(external_id) / "events.jsonl")
 
     # -- state file --------------------------------------------------------------------------
     def _run_dir(self, external_id: str) -> Path:
@@ -325,10 +313,3 @@ def _lines(chunks) -> Iterator[str]:
         yield from complete
     if pending:
         yield pending
-
-
-def _is_json_object(text: str) -> bool:
-    try:
-        return isinstance(json.loads(text), dict)
-    except ValueError:
-        return False

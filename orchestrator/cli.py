@@ -2,6 +2,7 @@
 and turns user errors into one line and exit code 2 (never a traceback)."""
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Optional
 
@@ -37,10 +38,26 @@ def _root(
     Globals.db = db
 
 
+def _one_line_user_errors(callback):
+    """A UserError from any command is one line on stderr and exit 2, also under CliRunner."""
+
+    @functools.wraps(callback)
+    def wrapper(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except UserError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(e.exit_code) from None
+
+    return wrapper
+
+
 def _register_all() -> None:
     from orchestrator.commands import register_all
 
     register_all(app)
+    for command in app.registered_commands:
+        command.callback = _one_line_user_errors(command.callback)
 
 
 _register_all()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -18,13 +17,14 @@ from typing import TYPE_CHECKING, Iterable, Optional
 
 from sqlalchemy import create_engine, event, func, select, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session
 
 from orchestrator.errors import UserError
 from orchestrator.ledger_events import events_to_rows, insert_ignore, read_new_lines
-from orchestrator.ledger_models import (JOB_STATUSES, Attempt, Checkpoint, Estimate, EventCursor, Job,
-                                        ProgressSample, RunEvent)
+from orchestrator.ledger_models import (JOB_STATUSES, Attempt, AttemptRecord, Checkpoint, CheckpointRecord, Estimate,
+                                        EstimateRecord, EventCursor, Job, JobRecord, ProgressSample, RunEvent,
+                                        RunEventRecord, SampleRecord)
 from orchestrator.redact import redact
 
 if TYPE_CHECKING:
@@ -51,103 +51,6 @@ def _record(cls, row, **extra):
     return cls(**{n: extra[n] if n in extra else getattr(row, n) for n in names})
 
 
-@dataclass(frozen=True)
-class EstimateRecord:
-    plan_json: str
-    chosen_rank: int
-    catalog_snapshot: str
-    provider: str
-    region: str
-    instance_type: str
-    gpu: str
-    gpu_count: int
-    spot: bool
-    price_per_hour: Decimal
-    tokens_per_second: float
-    hours: float
-    preemption_overhead_hours: float
-    expected_cost: Decimal
-    total_tokens: int
-    created_at: datetime
-
-    @property
-    def expected_hours(self) -> float:
-        return self.hours + self.preemption_overhead_hours
-
-    @property
-    def plan(self) -> dict:
-        return json.loads(self.plan_json)
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    id: str
-    name: str
-    model: str
-    method: str
-    spec_yaml: str
-    spec_hash: str
-    status: str
-    backend: str
-    budget: Optional[Decimal]
-    external_id: Optional[str]
-    failure_reason: Optional[str]
-    created_at: datetime
-    updated_at: datetime
-    estimate: EstimateRecord
-
-
-@dataclass(frozen=True)
-class AttemptRecord:
-    n: int
-    provider: str
-    region: str
-    instance_type: Optional[str]
-    gpu: str
-    gpu_count: int
-    spot: bool
-    price_per_hour: Decimal
-    started_at: datetime
-    ended_at: Optional[datetime]
-    end_reason: Optional[str]
-    external_id: Optional[str]
-    tokens: Optional[int]
-    resumed_from_step: Optional[int]
-    detail: Optional[str]
-
-
-@dataclass(frozen=True)
-class CheckpointRecord:
-    attempt: int
-    step: int
-    path: str
-    bytes: Optional[int]
-    seconds: Optional[float]
-    verified: bool
-    time: datetime
-
-
-@dataclass(frozen=True)
-class SampleRecord:
-    attempt: int
-    step: int
-    tokens: Optional[int]
-    loss: Optional[float]
-    lr: Optional[float]
-    tokens_per_second: Optional[float]
-    time: datetime
-
-
-@dataclass(frozen=True)
-class RunEventRecord:
-    attempt: int
-    event: str               # start | preempted | finished | error
-    step: Optional[int]
-    tokens: Optional[int]
-    time: datetime
-    payload: dict
-
-
 def normalize_url(url: str) -> str:
     """`postgresql://` and `postgres://` mean psycopg 3 (the driver spotune ships), not psycopg2."""
     for prefix in ("postgresql://", "postgres://"):
@@ -162,9 +65,11 @@ class Ledger:
         try:
             parsed = make_url(self.url)
         except ArgumentError:
-            raise LedgerError(f"not a database URL: {url!r} (expected sqlite:///PATH or postgresql+psycopg://...)") from None
+            raise LedgerError(f"not a database URL: {redact(url)!r} (expected sqlite:///PATH or postgresql+psycopg://...)") from None
         self.display_url = parsed.render_as_string(hide_password=True)
         self.dialect = parsed.get_backend_name()
+        if self.dialect not in ("sqlite", "postgresql"):
+            raise LedgerError(f"unsupported ledger URL {self.display_url}: the ledger runs on SQLite or PostgreSQL")
         try:
             if self.dialect == "sqlite":
                 self._engine = self._sqlite_engine(parsed)
@@ -172,12 +77,15 @@ class Ledger:
                 self._engine = create_engine(parsed, pool_pre_ping=True)
         except (NoSuchModuleError, ImportError) as e:
             raise LedgerError(f"unsupported ledger URL {self.display_url}: {e}") from None
+        except OSError as e:
+            raise LedgerError(f"cannot create the ledger's directory for {self.display_url}: {e.strerror}") from None
         # Writes on SQLite take the write lock at BEGIN (IMMEDIATE): a deferred transaction that
         # reads then writes can hit SQLITE_BUSY without waiting when another writer got in between.
         self._write_engine = self._engine.execution_options(sqlite_begin="IMMEDIATE")
         try:
             self._migrate()
         except OperationalError as e:
+            self._engine.dispose()
             raise LedgerError(f"cannot open ledger at {self.display_url}: {str(e.orig).strip().splitlines()[0]}") from None
 
     @staticmethod
@@ -204,10 +112,14 @@ class Ledger:
         return engine
 
     def _migrate(self) -> None:
-        from orchestrator.migrations import upgrade_to_head
+        from orchestrator.migrations import NewerSchemaError, upgrade_to_head
 
-        with self._write_engine.begin() as conn:
-            upgrade_to_head(conn)
+        try:
+            with self._write_engine.begin() as conn:
+                upgrade_to_head(conn)
+        except NewerSchemaError as e:
+            self._engine.dispose()
+            raise LedgerError(f"the ledger at {self.display_url} {e}") from None
 
     def close(self) -> None:
         self._engine.dispose()
@@ -231,6 +143,14 @@ class Ledger:
         chosen = next((o for o in plan.options if o.rank == chosen_rank), None)
         if chosen is None:
             raise ValueError(f"plan has no option with rank {chosen_rank} (ranks: {[o.rank for o in plan.options]})")
+        for _ in range(3):
+            try:
+                return self._insert_job(spec, spec_yaml, backend, plan, chosen)
+            except IntegrityError:
+                continue  # another process took the same random id in the same instant
+        raise RuntimeError(f"could not record job {spec.name}: id collisions three times in a row")
+
+    def _insert_job(self, spec: "JobSpec", spec_yaml: str, backend: str, plan: "Plan", chosen) -> str:
         now = _now()
         budget = spec.constraints.budget
         with self._write() as s, s.begin():
@@ -242,7 +162,7 @@ class Ledger:
             s.flush()
             offer = chosen.offer
             s.add(Estimate(job_id=job_id, plan_json=json.dumps(plan.to_json(), sort_keys=True),
-                           chosen_rank=chosen_rank, catalog_snapshot=plan.catalog_snapshot,
+                           chosen_rank=chosen.rank, catalog_snapshot=plan.catalog_snapshot,
                            provider=offer.provider, region=offer.region, instance_type=offer.instance_type,
                            gpu=offer.gpu, gpu_count=offer.gpu_count, spot=chosen.spot,
                            price_per_hour=chosen.price_per_hour, tokens_per_second=float(chosen.tokens_per_second),
@@ -314,11 +234,10 @@ class Ledger:
                 "external_id": observed.external_id,
                 "detail": None if observed.detail is None else redact(observed.detail)}
         with self._write() as s, s.begin():
-            if s.get(Job, job_id) is None:
+            if s.get(Job, job_id, with_for_update=True) is None:  # one writer per job at a time
                 raise LedgerError(f"no job {job_id!r} in the ledger")
-            # Under the write lock (SQLite) / row lock (PostgreSQL FOR UPDATE) this read-then-write is safe.
-            row = s.scalars(select(Attempt).where(Attempt.job_id == job_id, Attempt.n == observed.n)
-                            .with_for_update()).one_or_none()
+            # Safe read-then-write: SQLite holds the database write lock, PostgreSQL the job row lock.
+            row = s.scalars(select(Attempt).where(Attempt.job_id == job_id, Attempt.n == observed.n)).one_or_none()
             if row is None:
                 row = Attempt(job_id=job_id, n=observed.n, **placement, **late)
                 s.add(row)
@@ -333,7 +252,7 @@ class Ledger:
             s.execute(update(Job).where(Job.id == job_id).values(updated_at=_now()))
 
     def ingest_events(self, job_id: str, events_path: Path | str) -> int:
-        """Read events.jsonl from where the last call stopped; return how many events were new.
+        """Read events.jsonl from where the last call stopped; return how many events were read.
 
         Idempotent: rows are keyed by (job, attempt, step) or the line's byte offset, so a re-read
         (another process, a copied file, a replaced file) never duplicates. A partial last line is
@@ -341,7 +260,7 @@ class Ledger:
         """
         path = Path(events_path)
         with self._write() as s, s.begin():
-            if s.get(Job, job_id) is None:
+            if s.get(Job, job_id, with_for_update=True) is None:  # one writer per job at a time
                 raise LedgerError(f"no job {job_id!r} in the ledger")
             cursor = s.get(EventCursor, job_id)
             start = cursor.offset if cursor is not None and cursor.path == str(path) else 0

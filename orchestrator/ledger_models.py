@@ -1,11 +1,13 @@
-"""The ledger's tables (SQLAlchemy 2.x declarative) and the two column types that make money and
-time round-trip exactly on both SQLite and PostgreSQL.
+"""The ledger's tables (SQLAlchemy 2.x declarative), the two column types that make money and
+time round-trip exactly on both SQLite and PostgreSQL, and the frozen records reads return.
 
 The schema itself is owned by the Alembic migrations in `orchestrator/migrations/versions/`;
 these models must describe the same tables (tests compare them).
 """
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Optional
@@ -218,3 +220,102 @@ class EventCursor(Base):
     path: Mapped[str] = mapped_column(Text)
     offset: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+# ---- records: what the Ledger's reads return (frozen copies, safe to keep after the session) ----
+
+@dataclass(frozen=True)
+class EstimateRecord:
+    plan_json: str
+    chosen_rank: int
+    catalog_snapshot: str
+    provider: str
+    region: str
+    instance_type: str
+    gpu: str
+    gpu_count: int
+    spot: bool
+    price_per_hour: Decimal
+    tokens_per_second: float
+    hours: float
+    preemption_overhead_hours: float
+    expected_cost: Decimal
+    total_tokens: int
+    created_at: datetime
+
+    @property
+    def expected_hours(self) -> float:
+        return self.hours + self.preemption_overhead_hours
+
+    @property
+    def plan(self) -> dict:
+        return json.loads(self.plan_json)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    name: str
+    model: str
+    method: str
+    spec_yaml: str
+    spec_hash: str
+    status: str
+    backend: str
+    budget: Optional[Decimal]
+    external_id: Optional[str]
+    failure_reason: Optional[str]
+    created_at: datetime
+    updated_at: datetime
+    estimate: EstimateRecord
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    n: int
+    provider: str
+    region: str
+    instance_type: Optional[str]
+    gpu: str
+    gpu_count: int
+    spot: bool
+    price_per_hour: Decimal
+    started_at: datetime
+    ended_at: Optional[datetime]
+    end_reason: Optional[str]
+    external_id: Optional[str]
+    tokens: Optional[int]
+    resumed_from_step: Optional[int]
+    detail: Optional[str]
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    attempt: int
+    step: int
+    path: str
+    bytes: Optional[int]
+    seconds: Optional[float]
+    verified: bool
+    time: datetime
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    attempt: int
+    step: int
+    tokens: Optional[int]
+    loss: Optional[float]
+    lr: Optional[float]
+    tokens_per_second: Optional[float]
+    time: datetime
+
+
+@dataclass(frozen=True)
+class RunEventRecord:
+    attempt: int
+    event: str               # start | preempted | finished | error
+    step: Optional[int]
+    tokens: Optional[int]
+    time: datetime
+    payload: dict

@@ -17,12 +17,12 @@ from typing import Iterable, Optional, Sequence
 from orchestrator.errors import UserError
 from orchestrator.estimate import GIB, Calibration, DeviceSpec, load_calibration
 from orchestrator.estimate.memory import BatchChoice, MemoryEstimate, choose_batch, estimate_memory
-from orchestrator.estimate.preemption import (checkpoint_bytes, checkpoint_interval_hours, checkpoint_write_hours,
+from orchestrator.estimate.preemption import (checkpoint_bytes, checkpoint_interval_hours, checkpoint_writes,
                                               preemption_overhead_hours)
 from orchestrator.estimate.throughput import ThroughputEstimate, estimate_throughput
 from orchestrator.estimate.tokens import DatasetTokens, dataset_tokens, total_training_tokens
-from orchestrator.models import ModelArch, resolve_model
-from orchestrator.plan import CostLine, ManagedQuote, Offer, Option, Plan, Rejected, money
+from orchestrator.models import ModelArch, local_tokenizer_file, resolve_model
+from orchestrator.plan import CostLine, ManagedQuote, Offer, Option, Plan, Rejected
 
 KEEP_OPTIONS = 100          # options kept in a Plan (cheapest first); the count of all is in assumptions
 KEEP_REJECTED_PER_REASON = 10
@@ -54,15 +54,18 @@ class Group:
     throughput: Optional[ThroughputEstimate]
     grad_accum: int
     train_hours: float
-    checkpoint_hours: float
     interval_hours: float
+    checkpoints: int = 0
+    checkpoint_seconds: float = 0.0
+
+    @property
+    def checkpoint_hours(self) -> float:
+        return self.checkpoints * self.checkpoint_seconds / 3600
 
 
 def resolve_job(spec, dataset: Optional[DatasetTokens] = None) -> Job:
     arch = resolve_model(spec.model)
     if dataset is None:
-        from orchestrator.models import local_tokenizer_file
-
         dataset = dataset_tokens(spec, local_tokenizer_file(spec.model), arch.byte_tokenizer)
     total = total_training_tokens(spec, dataset)
     tokens_per_step = spec.batch.global_ * spec.seq_len
@@ -74,7 +77,7 @@ def resolve_job(spec, dataset: Optional[DatasetTokens] = None) -> Job:
 def _group(job: Job, device: Optional[DeviceSpec], gpu_count: int, vram_gb: Optional[float], cal: Calibration) -> Group:
     spec, arch = job.spec, job.arch
     if device is None:
-        return Group(None, None, None, None, 0, 0.0, 0.0, 0.0)
+        return Group(None, None, None, None, 0, 0.0, 0.0)
     ckpt = spec.train.gradient_checkpointing
     choice, smallest = choose_batch(
         arch, spec.method, seq_len=spec.seq_len, global_batch=spec.batch.global_,
@@ -83,20 +86,16 @@ def _group(job: Job, device: Optional[DeviceSpec], gpu_count: int, vram_gb: Opti
         lora_r=spec.lora.r, target_modules=spec.lora.target_modules, lora_dropout=spec.lora.dropout,
         memo=job.memory_memo)
     if choice is None:
-        return Group(device, None, smallest, None, 0, 0.0, 0.0, 0.0)
+        return Group(device, None, smallest, None, 0, 0.0, 0.0)
     tp = estimate_throughput(arch, spec.method, seq_len=spec.seq_len, gradient_checkpointing=choice.gradient_checkpointing,
-                             device=device, gpu_count=gpu_count, cal=cal)
+                             device=device, gpu_count=gpu_count, cal=cal, micro_batch=choice.micro_batch)
     grad_accum = math.ceil(spec.batch.global_ / (choice.micro_batch * gpu_count))
     train_hours = job.total_tokens / tp.tokens_per_second / 3600
     interval = checkpoint_interval_hours(spec.checkpoint.every_minutes, spec.checkpoint.every_steps,
                                          job.tokens_per_step / tp.tokens_per_second, train_hours)
-    ckpt_hours = checkpoint_write_hours(train_hours, interval,
-                                        checkpoint_bytes(arch, spec.method, spec.lora.r, spec.lora.target_modules, cal), cal)
-    return Group(device, choice, smallest, tp, grad_accum, train_hours, ckpt_hours, interval)
-
-
-def _fmt_money(x: Decimal) -> str:
-    return f"${money(x):,}"
+    count, seconds = checkpoint_writes(train_hours, interval,
+                                       checkpoint_bytes(arch, spec.method, spec.lora.r, spec.lora.target_modules, cal), cal)
+    return Group(device, choice, smallest, tp, grad_accum, train_hours, interval, count, seconds)
 
 
 def _amount(price: Decimal, hours: float) -> Decimal:
@@ -112,7 +111,8 @@ def _cost_lines(job: Job, g: Group, offer: Offer, spot: bool, price: Decimal, se
         f"x ${price}/h  [{tp.formula()}]")]
     if g.checkpoint_hours:
         lines.append(CostLine("checkpoint writes", _amount(price, g.checkpoint_hours),
-                              f"one every {g.interval_hours * 60:.0f} min = {g.checkpoint_hours:.3f} h x ${price}/h"))
+                              f"{g.checkpoints} x {g.checkpoint_seconds:.3g} s to write (one every {g.interval_hours * 60:.3g} min) "
+                              f"= {g.checkpoint_hours:.4f} h x ${price}/h"))
     if setup_hours:
         lines.append(CostLine("setup", _amount(price, setup_hours),
                               f"{setup_hours * 60:.0f} min (provision, install, download model) x ${price}/h"))
@@ -155,28 +155,45 @@ def _where(offer: Offer, spot: bool) -> str:
     return f"{offer.gpu_count}x {offer.gpu} {offer.provider} {offer.region} {'spot' if spot else 'on-demand'}"
 
 
-def _evaluate(job: Job, offers: Iterable[Offer], cal: Calibration, *, apply_constraints: bool,
-              setup_hours: float, device_of) -> tuple[list, list]:
+def _evaluate(job: Job, offers: Iterable[Offer], cal: Calibration, *, setup_hours: float, device_of) -> tuple[list, list]:
     """(feasible, rejected) entries for offers already filtered by gpus/providers/regions/max_gpus.
 
     Entries are plain tuples (this loop runs once per offer variant); Options and Rejected are
     built afterwards for the few that are kept. Rejected: (reason, offer, spot, cost, hours, group)."""
     c = job.spec.constraints
-    mode = c.spot if apply_constraints else "never"
-    max_price = Decimal(repr(c.max_price_per_hour)) if apply_constraints and c.max_price_per_hour is not None else None
-    deadline = c.deadline_hours if apply_constraints else None
-    budget = c.budget if apply_constraints else None
+    allow_on_demand, allow_spot = c.spot != "always", c.spot != "never"
+    deadline, budget = c.deadline_hours, c.budget
+    max_price = Decimal(repr(c.max_price_per_hour)) if c.max_price_per_hour is not None else None
     groups: dict = {}
     preempt_cache: dict = {}
     feasible, rejected = [], []
+    add_feasible, add_rejected = feasible.append, rejected.append
+
+    def consider(offer: Offer, spot: bool, price: Decimal, key, g: Group, base_hours: float) -> None:
+        preempt_hours, preempt = 0.0, None
+        if spot:
+            pkey = (key, offer.provider)
+            found = preempt_cache.get(pkey)
+            if found is None:
+                found = preempt_cache[pkey] = preemption_overhead_hours(offer.provider, g.train_hours, g.interval_hours, cal)
+            preempt_hours, preempt = found
+        expected_hours = base_hours + preempt_hours
+        cost = float(price) * expected_hours
+        if max_price is not None and price > max_price:
+            add_rejected(("over_max_price", offer, spot, cost, expected_hours, g))
+        elif deadline is not None and expected_hours > deadline:
+            add_rejected(("misses_deadline", offer, spot, cost, expected_hours, g))
+        elif budget is not None and cost > budget:
+            add_rejected(("over_budget", offer, spot, cost, expected_hours, g))
+        else:
+            add_feasible((cost, expected_hours, offer, spot, price, g, base_hours, preempt_hours, preempt))
+
     for offer in offers:
-        variants = []
-        if mode != "always" and offer.price_on_demand is not None and offer.price_on_demand > 0:
-            variants.append((False, offer.price_on_demand))
-        # a missing or zero spot price means there is no spot market (vast lists 0.00)
-        if mode != "never" and offer.price_spot is not None and offer.price_spot > 0:
-            variants.append((True, offer.price_spot))
-        if not variants:
+        on_demand, spot_price = offer.price_on_demand, offer.price_spot
+        # a missing or zero price means that market does not exist (vast lists spot 0.00)
+        has_on_demand = allow_on_demand and on_demand is not None and on_demand > 0
+        has_spot = allow_spot and spot_price is not None and spot_price > 0
+        if not (has_on_demand or has_spot):
             continue
         device = device_of(offer)
         key = (device.name if device else offer.gpu, offer.gpu_count, offer.vram_gb_per_gpu)
@@ -185,27 +202,16 @@ def _evaluate(job: Job, offers: Iterable[Offer], cal: Calibration, *, apply_cons
             g = groups[key] = _group(job, device, offer.gpu_count, offer.vram_gb_per_gpu, cal)
         if g.choice is None:
             reason = "unknown_gpu" if g.device is None else "does_not_fit_memory"
-            rejected.extend((reason, offer, spot, None, None, g) for spot, _ in variants)
+            if has_on_demand:
+                add_rejected((reason, offer, False, None, None, g))
+            if has_spot:
+                add_rejected((reason, offer, True, None, None, g))
             continue
         base_hours = g.train_hours + g.checkpoint_hours + setup_hours
-        for spot, price in variants:
-            preempt_hours, preempt = 0.0, None
-            if spot:
-                pkey = (key, offer.provider)
-                found = preempt_cache.get(pkey)
-                if found is None:
-                    found = preempt_cache[pkey] = preemption_overhead_hours(offer.provider, g.train_hours, g.interval_hours, cal)
-                preempt_hours, preempt = found
-            expected_hours = base_hours + preempt_hours
-            cost = float(price) * expected_hours
-            if max_price is not None and price > max_price:
-                rejected.append(("over_max_price", offer, spot, cost, expected_hours, g))
-            elif deadline is not None and expected_hours > deadline:
-                rejected.append(("misses_deadline", offer, spot, cost, expected_hours, g))
-            elif budget is not None and cost > budget:
-                rejected.append(("over_budget", offer, spot, cost, expected_hours, g))
-            else:
-                feasible.append((cost, expected_hours, offer, spot, price, g, base_hours, preempt_hours, preempt))
+        if has_on_demand:
+            consider(offer, False, on_demand, key, g, base_hours)
+        if has_spot:
+            consider(offer, True, spot_price, key, g, base_hours)
     return feasible, rejected
 
 
@@ -320,8 +326,7 @@ def make_plan(spec, offers: Sequence[Offer], managed: Sequence = (), calibration
     setup_hours = cal.overheads["setup_minutes"] / 60
     offers = list(offers)
     allowed = [o for o in offers if _allowed(o, spec.constraints)]
-    feasible, rejected = _evaluate(job, allowed, cal, apply_constraints=True, setup_hours=setup_hours,
-                                   device_of=_device_resolver(cal))
+    feasible, rejected = _evaluate(job, allowed, cal, setup_hours=setup_hours, device_of=_device_resolver(cal))
     if not feasible:
         raise NoFeasibleOption(_closest_miss(job, rejected, len(allowed), cal))
     if snapshot is None:

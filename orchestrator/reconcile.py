@@ -128,7 +128,7 @@ def reconcile(job: "JobRecord", attempts: Sequence["AttemptRecord"], checkpoints
         measured = bool(samples)
         costs = tuple(_attempt_cost(a, a.n == first_n, checkpoints, samples, now, measured) for a in attempts)
         p0 = Decimal(est.price_per_hour)
-        h0, o0 = Decimal(str(est.hours)), Decimal(str(est.preemption_overhead_hours))
+        o0 = Decimal(str(est.preemption_overhead_hours))  # throughput, the remainder, carries the planned hours
         estimate_exact = Decimal(est.expected_cost)
         actual_exact = sum((c.cost for c in costs), Decimal(0))
         hours = sum((c.hours for c in costs), Decimal(0))

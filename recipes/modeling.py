@@ -33,10 +33,11 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float32  # CPU, and pre-Ampere GPUs (fp16 would need loss scaling)
 
 
-def attention_implementation(device: torch.device) -> str:
+def attention_implementation(device: torch.device, dtype: torch.dtype) -> str:
     # flash-attn reads document boundaries from position_ids (varlen kernels, no mask at all);
     # otherwise SDPA gets an explicit block-diagonal causal mask.
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+    flash_ok = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    if flash_ok and importlib.util.find_spec("flash_attn") is not None:
         return FLASH
     return "sdpa"
 
@@ -66,15 +67,14 @@ def load_model(cfg, device: torch.device, dtype: torch.dtype, attention: str):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
-        kwargs["device_map"] = {"": device}
+    if device.type == "cuda" or cfg.method == "qlora":
+        kwargs["device_map"] = {"": device}  # straight onto the device, no full copy in host memory
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as e:
         detail = " ".join(str(e).split())[:300]
         raise ConfigError(f"cannot load model '{cfg.model}': {detail}") from None
-    if cfg.method != "qlora":
-        model.to(device)
     model.config.use_cache = False
     return tokenizer, model
 

@@ -81,7 +81,7 @@ class Trainer:
         self.merge = args.merge
         self._setup_distributed()
         self.dtype = compute_dtype(self.device)
-        self.attention = attention_implementation(self.device)
+        self.attention = attention_implementation(self.device, self.dtype)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
         if cfg.batch.global_ % self.world_size:
@@ -194,7 +194,7 @@ class Trainer:
             ckpt.restore_rng_state(state["rng"][self.rank])
 
     # --- the loop ----------------------------------------------------------------------------
-    def _train_step(self) -> tuple[float, float, int]:
+    def train_step(self) -> tuple[float, float, int]:
         indices, self.epoch, self.index = self.order.take(self.epoch, self.index, self.cfg.batch.global_)
         # Every rank knows the whole step's blocks, so the loss normalizer needs no communication:
         # the mean over all target tokens of the global batch, however it is split.
@@ -257,7 +257,7 @@ class Trainer:
         started = last_save = window_start = time.monotonic()
         window_tokens = 0
         while self.step < self.total_steps:
-            loss, lr, step_tokens = self._train_step()
+            loss, lr, step_tokens = self.train_step()
             self.step += 1
             self.tokens += step_tokens
             self.last_loss = loss

@@ -55,6 +55,33 @@ def test_opening_migrates_to_head_and_the_schema_matches_the_models(ledger_url):
     engine.dispose()
 
 
+def test_migrations_downgrade_to_nothing_and_upgrade_again(ledger_url):
+    from alembic import command
+
+    from orchestrator.migrations import alembic_config
+
+    Ledger(ledger_url).close()
+    engine = create_engine(ledger_url)
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(conn), "base")
+    with engine.connect() as conn:
+        assert {"jobs", "estimates", "attempts"}.isdisjoint(
+            conn.dialect.get_table_names(conn))
+    engine.dispose()
+    with Ledger(ledger_url) as ledger:
+        assert ledger.list_jobs() == []
+
+
+def test_a_ledger_from_a_newer_spotune_is_refused_with_one_line(ledger_url):
+    Ledger(ledger_url).close()
+    engine = create_engine(ledger_url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    engine.dispose()
+    with pytest.raises(LedgerError, match="has schema revision 9999, which this spotune does not know: upgrade spotune"):
+        Ledger(ledger_url)
+
+
 def test_sqlite_ledger_uses_wal_and_a_busy_timeout(tmp_path):
     ledger = Ledger(f"sqlite:///{tmp_path / 'state' / 'ledger.db'}")  # creates the state dir
     with ledger._engine.connect() as conn:
@@ -65,8 +92,11 @@ def test_sqlite_ledger_uses_wal_and_a_busy_timeout(tmp_path):
 def test_unusable_urls_are_one_line_user_errors(tmp_path):
     with pytest.raises(UserError, match="not a database URL"):
         Ledger("no-such-scheme")
-    with pytest.raises(UserError, match="unsupported ledger URL"):
-        Ledger("oracle+nodriver://x@y/z")
+    with pytest.raises(UserError, match="unsupported ledger URL mysql://x@y/z: the ledger runs on SQLite or PostgreSQL"):
+        Ledger("mysql://x@y/z")
+    (tmp_path / "a-file").write_text("not a directory")
+    with pytest.raises(UserError, match="cannot create the ledger's directory"):
+        Ledger(f"sqlite:///{tmp_path / 'a-file'}/sub/ledger.db")
     with pytest.raises(UserError, match=r"cannot open ledger at postgresql\+psycopg://spotune:\*\*\*@127.0.0.1:1/x"):
         Ledger("postgresql://spotune:hunter2@127.0.0.1:1/x?connect_timeout=2")
 
@@ -295,8 +325,9 @@ def test_ingest_skips_torn_lines_and_unknown_events(ledger, tmp_path):
 
 # ---- concurrency --------------------------------------------------------------------------------
 
-def _writer(url: str, worker: int, shared_job: str, events_path: str, jobs_each: int) -> None:
+def _writer(url: str, worker: int, shared_job: str, events_path: str, jobs_each: int, start_together) -> None:
     ledger = Ledger(url)
+    start_together.wait(timeout=120)
     for i in range(jobs_each):
         job_id = ledger.create_job(make_spec(f"w{worker}"), spec_yaml(f"w{worker}"), "local", make_plan(), 1)
         ledger.upsert_attempt(job_id, observed(1, i))
@@ -314,7 +345,9 @@ def test_two_processes_write_one_ledger_at_once(ledger_url, tmp_path):
     write_events(events_path, run_events_for_two_attempts())
     ctx = multiprocessing.get_context("spawn")
     jobs_each = 12
-    workers = [ctx.Process(target=_writer, args=(ledger_url, w, shared, str(events_path), jobs_each)) for w in (1, 2)]
+    start_together = ctx.Barrier(2)
+    workers = [ctx.Process(target=_writer, args=(ledger_url, w, shared, str(events_path), jobs_each, start_together))
+               for w in (1, 2)]
     for p in workers:
         p.start()
     for p in workers:
@@ -333,6 +366,45 @@ def test_two_processes_write_one_ledger_at_once(ledger_url, tmp_path):
         with ledger._engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
     ledger.close()
+
+
+def _record_forever(url: str, events_path: str, ready) -> None:
+    ledger = Ledger(url)
+    ready.set()
+    while True:
+        job_id = ledger.create_job(make_spec("crash"), spec_yaml("crash"), "local", make_plan(), 1)
+        ledger.upsert_attempt(job_id, observed(1, 0))
+        ledger.ingest_events(job_id, events_path)
+
+
+def test_a_writer_killed_mid_transaction_leaves_only_whole_records(ledger_url, tmp_path):
+    import os
+    import signal
+    import time
+
+    events_path = tmp_path / "events.jsonl"
+    write_events(events_path, run_events_for_two_attempts())
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    writer = ctx.Process(target=_record_forever, args=(ledger_url, str(events_path), ready))
+    writer.start()
+    assert ready.wait(timeout=120)
+    time.sleep(2.0)
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.join(timeout=30)
+
+    with Ledger(ledger_url) as ledger:
+        jobs = ledger.list_jobs()  # every job has its estimate: they are written together or not at all
+        assert len(jobs) >= 2
+        for job in jobs:
+            assert len(ledger.samples(job.id)) in (0, 45)  # an ingest is all of the file or none of it
+        # and the ledger goes on: the last job's ingest can be finished
+        last = jobs[-1].id
+        ledger.ingest_events(last, events_path)
+        assert len(ledger.samples(last)) == 45 and len(ledger.run_events(last)) == 4
+        if ledger.dialect == "sqlite":
+            with ledger._engine.connect() as conn:
+                assert conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
 
 
 # ---- packaging ------------------------------------------------------------------------------------

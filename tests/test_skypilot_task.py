@@ -162,3 +162,33 @@ def test_skypilot_optimizer_given_our_runtimes_prices_the_top_option_cheapest(sp
     task.time_estimator_func = None
     hourly = _optimize(task, monkeypatch)
     assert (str(hourly.cloud).lower(), hourly.instance_type) == ("gcp", "a2-highgpu-1g")
+
+
+def test_with_the_real_planner_the_dry_run_launches_its_top_option_first(tmp_path, monkeypatch):
+    """The planner over the same catalog files sky reads, on an 8B QLoRA job."""
+    from orchestrator.planner import make_plan
+
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: big\nmodel: meta-llama/Llama-3.1-8B\nmethod: qlora\n"
+                    "data: {examples: 20000, tokens_per_example: 512}\n")
+    big = load_spec(path)
+    plan = make_plan(big, OFFERS)
+    assert plan.best is not None
+    config = yaml.safe_load(render_task_yaml(big, plan, "big-1"))
+    task = sky.Task.from_yaml_config(config)
+    first = task.resources[0]
+    top = plan.best
+    assert (str(first.cloud).lower(), first.region, first.instance_type, first.use_spot,
+            first.accelerators) == (top.offer.provider, top.offer.region, top.offer.instance_type, top.spot,
+                                    {top.offer.gpu: top.offer.gpu_count})
+    best = _optimize(task, monkeypatch)
+    assert (str(best.cloud).lower(), best.region, best.instance_type) == (
+        top.offer.provider, top.offer.region, top.offer.instance_type)
+    # Free to choose among the same options, told the planner's hours, SkyPilot's cost model
+    # lands on the same price (several regions can tie: equally priced is the claim).
+    hours = {(o.offer.provider, o.offer.region, o.offer.instance_type, o.spot): o.expected_hours for o in plan.options}
+    task.set_resources(set(task.resources))
+    task.set_time_estimator(lambda r: 3600 * hours[(str(r.cloud).lower(), r.region, r.instance_type, r.use_spot)])
+    free = _optimize(task, monkeypatch)
+    runtime = 3600 * hours[(str(free.cloud).lower(), free.region, free.instance_type, free.use_spot)]
+    assert abs(Decimal(str(free.get_cost(runtime))) - top.expected_cost) < Decimal("0.01")

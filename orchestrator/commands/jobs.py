@@ -48,6 +48,11 @@ def _where(a) -> str:
     return f"{a.provider}/{a.region} {count}{a.gpu}{kind} at ${a.price_per_hour:,.2f}/h"
 
 
+def _short_where(a) -> str:
+    count = f"{a.gpu_count}x" if a.gpu_count > 1 else ""
+    return f"{a.provider}/{a.region} {count}{a.gpu}{' spot' if a.spot else ''}"
+
+
 class ProgressPrinter:
     """Prints what changed since the last tick: attempt starts and ends, progress every 10%."""
 
@@ -81,7 +86,6 @@ class ProgressPrinter:
                 colour = {"finished": "green", "preempted": "yellow"}.get(a.end_reason, "red")
                 self.console.print(f"[bold]attempt {a.n}[/] [{colour}]{a.end_reason}[/] after {_duration(seconds)}"
                                    f" · ${cost:,.4f} · {a.detail or ''}")
-                self.last_decile = -1 if a.end_reason == "preempted" else self.last_decile
         if tick.job.status != self.status:
             self.status = tick.job.status
             if tick.job.status in ("recovering", "over_budget", "failed", "cancelled"):
@@ -106,8 +110,8 @@ def render_job(console, ledger: "Ledger", job_id: str) -> None:
     for column in ("", "estimate", "actual"):
         table.add_column(column, justify="right" if column else "left")
     actual_price = ", ".join(sorted({f"${a.price_per_hour:,.2f}" for a in rec.attempts})) or "-"
-    table.add_row("where", f"{est.provider}/{est.region} {est.gpu_count}x{est.gpu}{' spot' if est.spot else ''}",
-                  ", ".join(sorted({_where(a) for a in ledger.attempts(job.id)})) or "-")
+    records = ledger.attempts(job.id)
+    table.add_row("where", _short_where(est), ", ".join(sorted({_short_where(a) for a in records})) or "-")
     table.add_row("$/h", f"${est.price_per_hour:,.2f}", actual_price)
     table.add_row("tokens", f"{est.total_tokens:,}", f"{rec.tokens:,}" if rec.tokens is not None else "-")
     table.add_row("tokens/s", f"{est.tokens_per_second:,.0f}",
@@ -117,14 +121,17 @@ def render_job(console, ledger: "Ledger", job_id: str) -> None:
     table.add_row("cost", f"${rec.estimate_cost:,.2f}", f"${rec.actual_cost:,.2f}" + (" so far" if rec.open else ""))
     console.print(table)
     attempts = Table(title="attempts", title_justify="left")
-    for column in ("#", "where", "wall", "cost", "end", "resumed from", "tokens", "detail"):
-        attempts.add_column(column)
+    for column in ("#", "ran on", "$/h", "wall", "cost", "end", "resumed from", "tokens", "detail"):
+        attempts.add_column(column, overflow="fold" if column == "detail" else "ellipsis")
     by_n = {c.n: c for c in rec.attempts}
-    for a in ledger.attempts(job.id):
+    for a in records:
         c = by_n[a.n]
-        attempts.add_row(str(a.n), _where(a), _duration(float(c.hours) * 3600), f"${c.cost:,.4f}",
-                         a.end_reason or "running", "-" if a.resumed_from_step is None else str(a.resumed_from_step),
-                         "-" if a.tokens is None else f"{a.tokens:,}", a.detail or "")
+        detail = a.detail or ""
+        attempts.add_row(str(a.n), _short_where(a), f"{a.price_per_hour:,.2f}", _duration(float(c.hours) * 3600),
+                         f"${c.cost:,.4f}", a.end_reason or "running",
+                         "-" if a.resumed_from_step is None else str(a.resumed_from_step),
+                         "-" if a.tokens is None else f"{a.tokens:,}",
+                         detail if len(detail) <= 60 else detail[:59] + "…")
     console.print(attempts)
     console.print(f"variance: {rec.story()}")
 

@@ -239,7 +239,8 @@ def write_plot(entries: list[Entry], path: Path) -> None:
     actual = [float(e.rec.actual_cost) for e in entries]
     top.bar([x - width / 2 for x in xs], estimate, width, label="estimate", color="#9db4d0")
     top.bar([x + width / 2 for x in xs], actual, width, label="actual", color="#2f5d8a")
-    for x, value in zip(xs, actual):
+    for x, est_value, value in zip(xs, estimate, actual):
+        top.annotate(f"${est_value:,.2f}", (x - width / 2, est_value), ha="center", va="bottom", fontsize=8)
         top.annotate(f"${value:,.2f}", (x + width / 2, value), ha="center", va="bottom", fontsize=8)
     top.set_ylabel("USD")
     top.set_title("Fine-tuning spend: estimate vs actual per job")
@@ -252,6 +253,8 @@ def write_plot(entries: list[Entry], path: Path) -> None:
         bottom.bar(list(xs), values, 0.6, bottom=bases, label=part, color=colors[part])
         up = [u + max(v, 0) for u, v in zip(up, values)]
         down = [d + min(v, 0) for d, v in zip(down, values)]
+    bottom.scatter(list(xs), [float(e.rec.variance) for e in entries], marker="D", color="black", zorder=3,
+                   label="net variance")
     bottom.axhline(0, color="black", linewidth=0.8)
     bottom.set_ylabel("variance, USD")
     bottom.set_title("Variance (actual - estimate) split", fontsize=10)

@@ -113,6 +113,8 @@ def _explain(console, spec, plan) -> None:
     console.print(f"memory per GPU: micro-batch {best.micro_batch} x {spec.seq_len} tokens, gradient checkpointing "
                   f"{'on' if best.gradient_checkpointing else 'off'}, gradient accumulation {best.grad_accum}{shard}")
     for item, gib in mem.breakdown():
+        if item.startswith("FSDP") and o.gpu_count == 1:
+            continue
         console.print(f"  {item:<42} {gib:>9.2f} GB", markup=False)
     console.print(f"  {'total':<42} {mem.total_gib:>9.2f} GB  of {o.vram_gb_per_gpu:g} GB", markup=False)
     console.print("cost:")

@@ -56,6 +56,7 @@ class Calibration:
     mfu: dict                      # method -> Curve (full, lora)
     qlora_slowdown: Curve
     multi_gpu_efficiency: dict     # gpu count -> efficiency
+    micro_step_floor: dict         # seconds, seconds_per_layer: the least time one micro-step takes
     devices: dict                  # name -> DeviceSpec (catalog GPUs plus local devices)
     overheads: dict
     preemption_default: dict
@@ -81,6 +82,7 @@ class Calibration:
             "mfu": {m: [list(p) for p in c.points] for m, c in self.mfu.items()},
             "qlora_slowdown": [list(p) for p in self.qlora_slowdown.points],
             "multi_gpu_efficiency": {str(k): v for k, v in sorted(self.multi_gpu_efficiency.items())},
+            "micro_step_floor": dict(self.micro_step_floor),
             "overheads": dict(self.overheads),
             "preemption": {"default": dict(self.preemption_default),
                            **{p: dict(v) for p, v in sorted(self.preemption_providers.items())}},
@@ -109,6 +111,7 @@ def calibration_from_data(calibration: dict, preemption: dict, gpu_specs: dict) 
         "mfu": {m: [e.get("source", "") for e in entries] for m, entries in tp["mfu"].items()},
         "qlora_slowdown": [e.get("source", "") for e in tp["qlora_slowdown"][upcast]],
         "multi_gpu_efficiency": tp["multi_gpu_efficiency"].get("source", ""),
+        "micro_step_floor": tp["micro_step_floor"].get("source", ""),
         "devices": {n: d.get("source", "") for n, d in (calibration.get("devices") or {}).items()},
         "overheads": calibration["overheads"].get("source", ""),
     }
@@ -118,6 +121,7 @@ def calibration_from_data(calibration: dict, preemption: dict, gpu_specs: dict) 
         mfu={m: _curve(entries, "mfu") for m, entries in tp["mfu"].items()},
         qlora_slowdown=_curve(tp["qlora_slowdown"][upcast], "factor"),
         multi_gpu_efficiency={int(k): float(v) for k, v in tp["multi_gpu_efficiency"]["counts"].items()},
+        micro_step_floor={k: float(v) for k, v in tp["micro_step_floor"].items() if k != "source"},
         devices=devices,
         overheads={k: v for k, v in calibration["overheads"].items() if k != "source"},
         preemption_default=dict(preemption["default"]),

@@ -34,13 +34,12 @@ def checkpoint_bytes(arch: ModelArch, method: str, lora_r: int, target_modules, 
     return arch.lora_params(lora_r, target_modules) * (b["weights"] + b["optimizer"])
 
 
-def checkpoint_write_hours(run_hours: float, interval_hours: float, bytes_per_checkpoint: float,
-                           cal: Calibration) -> float:
+def checkpoint_writes(run_hours: float, interval_hours: float, bytes_per_checkpoint: float,
+                      cal: Calibration) -> tuple[int, float]:
+    """(checkpoints written during the run, seconds each): training pauses while one is written."""
     if interval_hours <= 0 or run_hours <= 0:
-        return 0.0
-    count = int(run_hours // interval_hours)
-    seconds_each = bytes_per_checkpoint / (cal.overheads["checkpoint_write_gb_per_s"] * 1e9)
-    return count * seconds_each / 3600
+        return 0, 0.0
+    return int(run_hours // interval_hours), bytes_per_checkpoint / (cal.overheads["checkpoint_write_gb_per_s"] * 1e9)
 
 
 def preemption_overhead_hours(provider: str, run_hours: float, interval_hours: float, cal: Calibration) -> tuple[float, dict]:

@@ -86,7 +86,7 @@ def count_dataset_tokens(path: Path, tokenizer_file: Optional[Path] = None, on_b
     note = f", {skipped} bad lines skipped" if skipped else ""
     if byte_tokenizer:
         tokens = sum(len(t.encode("utf-8")) for t in texts)
-        return DatasetTokens(len(texts), tokens, f"counted as UTF-8 bytes (the model's byte-level tokenizer){note}")
+        return DatasetTokens(len(texts), tokens, f"counted as UTF-8 bytes: the model's tokenizer is byte-level{note}")
     tokenizer = _load_tokenizer(tokenizer_file)
     if tokenizer is not None:
         tokens = sum(len(e.ids) for e in tokenizer.encode_batch(texts))

@@ -34,6 +34,10 @@ def current_revision(connection):
     return MigrationContext.configure(connection).get_current_revision()
 
 
+class NewerSchemaError(RuntimeError):
+    """The database was migrated by a newer spotune than this one."""
+
+
 def upgrade_to_head(connection) -> None:
     """Migrate inside the caller's transaction. Concurrent openers wait for each other: SQLite via
     the write lock the caller's BEGIN IMMEDIATE holds, PostgreSQL via a transaction advisory lock."""
@@ -43,6 +47,12 @@ def upgrade_to_head(connection) -> None:
         from sqlalchemy import text
 
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
-    if current_revision(connection) == head_revision():
+    from alembic.script import ScriptDirectory
+
+    current = current_revision(connection)
+    scripts = ScriptDirectory.from_config(alembic_config())
+    if current == scripts.get_current_head():
         return
+    if current is not None and current not in {s.revision for s in scripts.walk_revisions()}:
+        raise NewerSchemaError(f"has schema revision {current}, which this spotune does not know: upgrade spotune")
     command.upgrade(alembic_config(connection), "head")

@@ -1,0 +1,52 @@
+"""The recipe's events.jsonl carried home through a job's log, for backends whose run dir is remote.
+
+On the node, `mirror_command` tails events.jsonl into stdout with a prefix while the recipe runs;
+here, `merge_events` picks those lines out of the job log into a local events.jsonl. A node that
+resumes re-emits the whole file (tail -n +1), so lines already seen are dropped and the first-seen
+order, which is the file's order, is kept. Needs no cloud storage credentials on this machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+EVENT_LOG_PREFIX = "[spotune-event] "
+
+
+def mirror_command(run_dir: str) -> str:
+    """Shell lines that stream `run_dir`/events.jsonl into stdout until the calling shell exits.
+
+    A stop (SkyPilot cancel, Ray stop_job) sends SIGTERM to every process of the job. The shell
+    traps it, so it waits for the recipe (which checkpoints and exits 75) and exits with its code;
+    the tail ignores it, so the recipe's last events still reach the log, and it exits by itself
+    once the shell is gone (--pid), leaving nothing behind to hold the job's output open."""
+    return "\n".join([
+        "trap : TERM",
+        f'(trap "" TERM; tail -n +1 -F --pid=$$ "{run_dir}/events.jsonl" 2>/dev/null'
+        f' | sed -u "s/^/{EVENT_LOG_PREFIX}/") &'])
+
+
+def merge_events(log_lines: Iterable[str], events_path: Path) -> Path:
+    """Add the prefixed event lines of a job log to events_path (atomic rewrite, no duplicates)."""
+    known = events_path.read_text().splitlines() if events_path.exists() else []
+    seen = set(known)
+    for line in log_lines:
+        _, marker, event = line.partition(EVENT_LOG_PREFIX)
+        event = event.strip()
+        if marker and event and event not in seen and _is_json_object(event):
+            seen.add(event)
+            known.append(event)
+    events_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = events_path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in known))
+    os.replace(tmp, events_path)
+    return events_path
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
