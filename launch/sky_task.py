@@ -28,7 +28,7 @@ from typing import Mapping, Optional, Sequence
 
 import yaml
 
-from launch.base import BackendError, Placement
+from launch.base import Placement
 from launch.event_log import mirror_command
 from orchestrator.errors import UserError
 
@@ -163,7 +163,7 @@ def first_line(e: BaseException) -> str:
 
 def _source_root() -> Path:
     if not (SOURCE_ROOT / "pyproject.toml").is_file() or not (SOURCE_ROOT / "recipes").is_dir():
-        raise BackendError(f"SkyPilot launches sync a spotune source checkout to the node; none at {SOURCE_ROOT}")
+        raise SkyTaskError(f"SkyPilot launches sync a spotune source checkout to the node; none at {SOURCE_ROOT}")
     return SOURCE_ROOT
 
 
@@ -209,16 +209,17 @@ def secrets_from_environment(spec, environ: Optional[Mapping[str, str]] = None) 
     return {name: environ[name] for name in spec.sky.secrets if environ.get(name)}
 
 
-def render_task_yaml(spec, plan, job_id: str) -> str:
+def render_task_yaml(spec, plan, job_id: str, placements: Optional[Sequence[Placement]] = None) -> str:
     """The task YAML `spotune launch --backend skypilot --dry-run` prints. Secrets appear by name
-    with no value: `sky jobs launch FILE --secret HF_TOKEN` would fill them from the environment."""
-    task, skipped = build_task(spec, job_id, placements_from_plan(plan))
+    with no value: `sky jobs launch FILE --secret HF_TOKEN` would fill them from the environment.
+    `placements`: the ones submit would get (e.g. a chosen option first); default the plan's order."""
+    task, skipped = build_task(spec, job_id, placements if placements is not None else placements_from_plan(plan))
     with _catalog_fetch_is_one_line():
         config = task.to_yaml_config()
     if spec.sky.secrets:
         config["secrets"] = {name: None for name in spec.sky.secrets}
     header = [f"# spotune job {job_id}: SkyPilot managed-job task (dry run, nothing launched)",
-              f"# resources are tried in order: the plan's options, cheapest expected cost first"]
+              "# resources are tried in order: the plan's options, cheapest expected cost first"]
     for s in skipped:
         header.append(f"# skipped {s.placement.provider}/{s.placement.region} {s.placement.gpu}:"
                       f"{s.placement.gpu_count}{' spot' if s.placement.spot else ''}: {s.reason}")

@@ -267,7 +267,9 @@ class Ledger:
             lines, end = read_new_lines(path, start)
             if end == start and cursor is not None:
                 return 0
-            rows = events_to_rows(job_id, lines, base_dir=path.parent)
+            starts_before = s.scalar(select(func.count()).select_from(RunEvent).where(
+                RunEvent.job_id == job_id, RunEvent.event == "start", RunEvent.offset < start)) if start else 0
+            rows = events_to_rows(job_id, lines, base_dir=path.parent, starts_before=starts_before)
             for model, batch in ((ProgressSample, rows.samples), (Checkpoint, rows.checkpoints), (RunEvent, rows.run_events)):
                 if batch:
                     s.execute(insert_ignore(s.bind.dialect.name, model), batch)
@@ -303,21 +305,20 @@ class Ledger:
     # ---- reads --------------------------------------------------------------------------------
 
     def attempts(self, job_id: str) -> list[AttemptRecord]:
-        with self._read() as s:
-            rows = s.scalars(select(Attempt).where(Attempt.job_id == job_id).order_by(Attempt.n)).all()
-            return [_record(AttemptRecord, r) for r in rows]
+        return self._rows(AttemptRecord, Attempt, job_id, Attempt.n)
 
     def checkpoints(self, job_id: str) -> list[CheckpointRecord]:
-        with self._read() as s:
-            rows = s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)
-                             .order_by(Checkpoint.attempt, Checkpoint.step)).all()
-            return [_record(CheckpointRecord, r) for r in rows]
+        return self._rows(CheckpointRecord, Checkpoint, job_id, Checkpoint.attempt, Checkpoint.step)
 
     def samples(self, job_id: str) -> list[SampleRecord]:
+        return self._rows(SampleRecord, ProgressSample, job_id, ProgressSample.attempt, ProgressSample.step)
+
+    def _rows(self, record, model, job_id: str, *order_by) -> list:
+        # Column rows, not ORM objects: a long job has tens of thousands of samples, read every tick.
+        columns = [getattr(model, name) for name in record.__dataclass_fields__]
+        query = select(*columns).where(model.job_id == job_id).order_by(*order_by)
         with self._read() as s:
-            rows = s.scalars(select(ProgressSample).where(ProgressSample.job_id == job_id)
-                             .order_by(ProgressSample.attempt, ProgressSample.step)).all()
-            return [_record(SampleRecord, r) for r in rows]
+            return [record(*row) for row in s.execute(query)]
 
     def run_events(self, job_id: str) -> list[RunEventRecord]:
         with self._read() as s:

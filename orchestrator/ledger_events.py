@@ -74,8 +74,13 @@ def _time(value) -> Optional[datetime]:
     return datetime.fromtimestamp(seconds, timezone.utc)
 
 
-def events_to_rows(job_id: str, lines: list[tuple[int, bytes]], base_dir: Path) -> EventRows:
+def events_to_rows(job_id: str, lines: list[tuple[int, bytes]], base_dir: Path, starts_before: int = 0) -> EventRows:
+    """Rows for the ledger. An event's attempt is the larger of the number it carries and the count
+    of `start` events so far: a recipe restarted by a backend that does not tell it its attempt
+    number (SkyPilot recovery reruns the same task) still gets one attempt per start, so the steps
+    it redoes are kept rather than taken for duplicates."""
     rows = EventRows()
+    starts = starts_before
     seen_samples: set[tuple[int, int]] = set()
     seen_checkpoints: set[tuple[int, int]] = set()
     for offset, raw in lines:
@@ -88,7 +93,9 @@ def events_to_rows(job_id: str, lines: list[tuple[int, bytes]], base_dir: Path) 
         kind, when, attempt = ev.get("event"), _time(ev.get("time")), _int(ev.get("attempt"))
         if when is None or kind is None:
             continue
-        attempt = attempt if attempt is not None and attempt >= 1 else 1
+        if kind == "start":
+            starts += 1
+        attempt = max(attempt if attempt is not None and attempt >= 1 else 1, starts)
         step = _int(ev.get("step"))
         if kind == "step":
             if step is None or (attempt, step) in seen_samples:

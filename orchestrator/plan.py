@@ -88,6 +88,9 @@ class Option:
             "hours": round(self.hours, 4),
             "preemption_overhead_hours": round(self.preemption_overhead_hours, 4),
             "expected_cost": float(money(self.expected_cost)),
+            "grad_accum": self.grad_accum,
+            "expected_hours": round(self.expected_hours, 4),
+            "lines": [{"item": l.item, "amount": float(l.amount), "formula": l.formula} for l in self.lines],
         }
 
 

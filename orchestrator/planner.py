@@ -41,6 +41,7 @@ class Job:
     dataset: DatasetTokens
     total_tokens: int
     tokens_per_step: int
+    capped_by_max_steps: bool = False
     memory_memo: dict = field(default_factory=dict)   # (gpu_count, micro, checkpointing) -> MemoryEstimate
 
 
@@ -69,9 +70,10 @@ def resolve_job(spec, dataset: Optional[DatasetTokens] = None) -> Job:
         dataset = dataset_tokens(spec, local_tokenizer_file(spec.model), arch.byte_tokenizer)
     total = total_training_tokens(spec, dataset)
     tokens_per_step = spec.batch.global_ * spec.seq_len
-    if spec.train.max_steps:
-        total = min(total, spec.train.max_steps * tokens_per_step)
-    return Job(spec, arch, dataset, total, tokens_per_step)
+    capped = bool(spec.train.max_steps) and spec.train.max_steps * tokens_per_step < total
+    if capped:
+        total = spec.train.max_steps * tokens_per_step
+    return Job(spec, arch, dataset, total, tokens_per_step, capped)
 
 
 def _group(job: Job, device: Optional[DeviceSpec], gpu_count: int, vram_gb: Optional[float], cal: Calibration) -> Group:
@@ -303,7 +305,8 @@ def _build_plan(job: Job, feasible: list, rejected: list, managed: tuple, cal: C
     kept_rejected, counts = _rejected(rejected, job.spec.constraints)
     assumptions = {
         "dataset": {"examples": job.dataset.examples, "tokens_per_epoch": job.dataset.tokens, "counted": job.dataset.how,
-                    "epochs": job.spec.epochs, "validation_fraction": job.spec.data.validation_fraction},
+                    "epochs": job.spec.epochs, "validation_fraction": job.spec.data.validation_fraction,
+                    "capped_by_max_steps": job.capped_by_max_steps},
         "setup_hours": setup_hours,
         "feasible_options": len(feasible),
         "rejected_counts": counts,

@@ -163,7 +163,9 @@ def _attempt_cost(a: "AttemptRecord", is_first: bool, checkpoints, samples, now:
         return AttemptCost(n=a.n, price_per_hour=Decimal(a.price_per_hour), hours=hours,
                            cost=hours * Decimal(a.price_per_hour), restart_hours=Decimal(0),
                            rework_hours=Decimal(0), open=a.ended_at is None)
-    steps = [s.time for s in samples if s.attempt == a.n and a.started_at <= s.time <= end]
+    # Events belong to the attempt whose billed window they fall in: that holds whatever attempt
+    # number the recipe was told, and windows never overlap.
+    steps = [s.time for s in samples if a.started_at <= s.time <= end]
     first_step = min(steps) if steps else None
     restart = Decimal(0)
     if not is_first:
@@ -173,7 +175,7 @@ def _attempt_cost(a: "AttemptRecord", is_first: bool, checkpoints, samples, now:
         if first_step is None:
             rework = hours if is_first else Decimal(0)  # later attempts: already all restart
         else:
-            saved = [c.time for c in checkpoints if c.attempt == a.n and first_step <= c.time <= end]
+            saved = [c.time for c in checkpoints if first_step <= c.time <= end]
             rework = _hours(max(saved) if saved else first_step, end)
     return AttemptCost(n=a.n, price_per_hour=Decimal(a.price_per_hour), hours=hours,
                        cost=hours * Decimal(a.price_per_hour), restart_hours=restart, rework_hours=rework,

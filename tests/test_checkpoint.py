@@ -108,3 +108,26 @@ def test_rng_state_survives_a_checkpoint_round_trip(tmp_path):
     actual = (random.random(), np.random.normal(), torch.rand(3))
     assert actual[0] == expected[0] and actual[1] == expected[1]
     assert torch.equal(actual[2], expected[2])
+
+
+def test_data_position_splits_the_stream_exactly():
+    """Taking blocks in two goes from a saved (epoch, index) equals taking them in one go."""
+    from recipes.trainer import DataOrder
+
+    order = DataOrder(n_blocks=10, seed=42)
+    whole, *end = order.take(0, 0, 27)
+    first, epoch, index = order.take(0, 0, 13)
+    rest, *resumed_end = DataOrder(n_blocks=10, seed=42).take(epoch, index, 14)
+    assert first + rest == whole and resumed_end == end == [2, 7]
+    assert sorted(whole[:10]) == sorted(whole[10:20]) == list(range(10))  # each epoch: every block once
+    assert whole[:10] != whole[10:20]  # reshuffled per epoch
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    from recipes.trainer import lr_factor
+
+    cosine = [lr_factor(s, total_steps=10, warmup_steps=2, schedule="cosine") for s in range(10)]
+    assert cosine[0] < cosine[1] < cosine[2] == 1.0 and cosine[-1] < 0.05
+    assert all(a >= b for a, b in zip(cosine[2:], cosine[3:]))
+    assert [lr_factor(s, 10, 0, "linear") for s in (0, 5, 9)] == pytest.approx([1.0, 0.5, 0.1])
+    assert lr_factor(5, 10, 0, "constant") == 1.0

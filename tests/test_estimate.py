@@ -27,7 +27,7 @@ def _calibration(**recipe_changes):
     return calibration_from_data(data, yaml.safe_load(PREEMPTION_PATH.read_text()), gpu_specs())
 
 
-NAIVE = _calibration()                                    # the anchors' loop: prepare_model_for_kbit_training
+NAIVE = _calibration(qlora_fp32_upcast=True)           # the anchors' loop: prepare_model_for_kbit_training
 ONE_LEVER = _calibration(qlora_fp32_upcast=False)         # the anchors' one lever: no fp32 upcast
 
 

@@ -163,6 +163,17 @@ def test_money_and_times_round_trip_exactly(ledger):
     assert attempt.started_at.hour == 9
 
 
+def test_times_round_trip_whatever_the_postgres_session_timezone(ledger_url):
+    if not ledger_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL only: SQLite has no session time zone")
+    with Ledger(ledger_url + "?options=-c%20timezone%3DAmerica/New_York") as ledger:
+        job_id = new_job(ledger)
+        ledger.upsert_attempt(job_id, observed(1, 0, 30, "finished"))
+        attempt = ledger.attempts(job_id)[0]
+    assert (attempt.started_at, attempt.ended_at) == (at(0), at(30))
+    assert attempt.started_at.utcoffset() == timedelta(0)
+
+
 def test_naive_times_and_float_money_are_refused(ledger):
     from launch.base import ObservedAttempt
     from ledger_factory import placement
@@ -302,6 +313,23 @@ def test_ingest_sets_attempt_tokens_and_resume_step_whatever_arrives_first(ledge
     assert (first.tokens, first.resumed_from_step) == (20_000, None)
     # resumed at step 15 (15,000 tokens, logged by attempt 1), finished at 40,000
     assert (second.tokens, second.resumed_from_step) == (25_000, 15)
+
+
+def test_a_recipe_that_always_says_attempt_1_still_gets_one_attempt_per_start(ledger, tmp_path):
+    """SkyPilot recovery reruns the same task: the recipe cannot know its attempt number. Its
+    redone steps are new samples of attempt 2, not duplicates of attempt 1's."""
+    job_id = new_job(ledger)
+    path = tmp_path / "events.jsonl"
+    relabelled = [{**ev, "attempt": 1} for ev in run_events_for_two_attempts()]
+    write_events(path, relabelled[:30])   # attempt 1 through step 20, its checkpoint and preemption,
+    ledger.ingest_events(job_id, path)    # and attempt 2's start and first steps ...
+    write_events(path, relabelled[30:])   # ... then the rest, in a later tick
+    ledger.ingest_events(job_id, path)
+    ledger.upsert_attempt(job_id, observed(1, 0, 22, "preempted"))
+    ledger.upsert_attempt(job_id, observed(2, 24, 53, "finished"))
+    assert [(s.attempt, s.step) for s in ledger.samples(job_id)][19:22] == [(1, 20), (2, 16), (2, 17)]
+    first, second = ledger.attempts(job_id)
+    assert (first.tokens, second.tokens, second.resumed_from_step) == (20_000, 25_000, 15)
 
 
 def test_checkpoint_is_verified_when_its_directory_exists(ledger, tmp_path):

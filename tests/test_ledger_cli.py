@@ -48,6 +48,7 @@ def test_json_is_one_object_with_every_job_split_and_totals(seeded):
                              "gpu_count": 1, "spot": True, "price_per_hour": 2.0}
     assert d["actual"] == {"cost": 3.2, "hours": 1.4, "tokens": 69000, "tokens_per_second": 1027.0}
     assert d["variance"] == {"total": 1.0, "price": 0.4, "throughput": 0.4, "preemption": 0.2}
+    assert d["story"].startswith("cost $3.20 vs $2.20 estimated (+45.5%): +$0.40 price")
     first, second = d["attempts"]
     assert first == {"n": 1, "provider": "aws", "region": "us-east-1", "gpu": "A10G", "gpu_count": 1, "spot": True,
                      "price_per_hour": 2.0, "started_at": "2026-11-20T09:00:00Z", "ended_at": "2026-11-20T09:36:00Z",

@@ -207,3 +207,9 @@ def test_the_tiny_cpu_demo_is_estimated_in_minutes_from_its_dataset():
     # itself reports ~530k tokens for this spec; the measured CPU speed is ~1,000-1,500 tokens/s.
     assert 450_000 < plan.total_tokens < 560_000
     assert 1 < plan.best.hours * 60 < 30
+
+
+def test_train_max_steps_caps_the_tokens_trained():
+    plan = make_plan(spec(train={"max_steps": 10}, batch={"global": 4}), [offer()], ())
+    assert plan.total_tokens == 10 * 4 * 2048
+    assert plan.assumptions["dataset"]["capped_by_max_steps"]

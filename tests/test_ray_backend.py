@@ -153,7 +153,8 @@ def test_cancel_stops_the_job_after_the_recipe_handles_sigterm(tmp_path, backend
     final = wait_until(backend, external_id, {"cancelled", "failed", "succeeded"})
     assert final.state == "cancelled"
     assert final.attempts[0].end_reason == "cancelled"
-    assert [json.loads(x)["event"] for x in final.events_path.read_text().splitlines()] == ["start", "preempted"]
+    log = "\n".join(backend.logs(external_id))
+    assert [json.loads(x)["event"] for x in final.events_path.read_text().splitlines()] == ["start", "preempted"], log
 
 
 def test_no_cluster_address_is_one_clear_error(tmp_path, monkeypatch):

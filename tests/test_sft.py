@@ -57,9 +57,9 @@ def run_recipe(spec: Path, run_dir: Path, *extra: str, env=None) -> subprocess.C
                           timeout=600, env=env)
 
 
-def run_until_step(spec: Path, run_dir: Path, step: int, sig: int) -> int:
+def run_until_step(spec: Path, run_dir: Path, step: int, sig: int, *extra: str) -> int:
     """Start the recipe, send `sig` once events.jsonl shows `step`, return its exit code."""
-    process = subprocess.Popen(recipe_command(spec, run_dir), cwd=REPO, stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(recipe_command(spec, run_dir, *extra), cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not any(e["event"] == "step" and e["step"] >= step for e in read_events(run_dir / "events.jsonl")):
@@ -140,12 +140,14 @@ def test_sigterm_then_resume_matches_uninterrupted_run(tmp_path, uninterrupted):
 
 
 def test_sigkill_loses_only_the_steps_since_the_last_checkpoint(tmp_path, uninterrupted):
-    spec, run_dir = write_spec(tmp_path), tmp_path / "run"
-    assert run_until_step(spec, run_dir, 5, signal.SIGKILL) == -signal.SIGKILL
+    # Checkpoints in a directory of their own, as on a bucket mount that outlives the node.
+    spec, run_dir, bucket = write_spec(tmp_path), tmp_path / "run", tmp_path / "bucket"
+    assert run_until_step(spec, run_dir, 5, signal.SIGKILL, "--checkpoint-dir", str(bucket)) == -signal.SIGKILL
     last_checkpoint = events_of(run_dir, "checkpoint")[-1]["step"]
-    assert not events_of(run_dir, "preempted")
+    assert not events_of(run_dir, "preempted") and not (run_dir / "checkpoints").exists()
+    assert (bucket / f"step-{last_checkpoint:08d}").is_dir()
 
-    result = run_recipe(spec, run_dir, "--attempt", "2")
+    result = run_recipe(spec, run_dir, "--attempt", "2", "--checkpoint-dir", str(bucket))
     assert result.returncode == 0, result.stderr
     assert events_of(run_dir, "start")[-1]["resumed_from_step"] == last_checkpoint
     resumed = losses(run_dir, attempt=2)
@@ -270,10 +272,11 @@ def test_packed_documents_do_not_attend_to_each_other():
     assert not torch.allclose(packed, leaked, rtol=1e-4, atol=1e-4)
 
 
-def test_two_process_torchrun_matches_a_single_process_run(tmp_path):
-    """DDP over gloo on CPU: each rank trains half of every global batch; rank 0 alone reports."""
-    spec = write_spec(tmp_path, max_steps=3, every_steps=2, lora__dropout=0.0)
-    single, distributed = tmp_path / "single", tmp_path / "ddp"
+@pytest.mark.parametrize("method", ["lora", "full"])  # DDP for adapters, FSDP2 for full
+def test_two_process_torchrun_matches_a_single_process_run(tmp_path, method):
+    """torchrun over gloo on CPU: each rank trains half of every global batch; rank 0 alone reports."""
+    spec = write_spec(tmp_path, method=method, max_steps=3, every_steps=2, lora__dropout=0.0)
+    single, distributed = tmp_path / "single", tmp_path / "distributed"
     assert run_recipe(spec, single).returncode == 0
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     result = subprocess.run([*torchrun, "-m", "recipes.sft", str(spec), "--run-dir", str(distributed)], cwd=REPO,
@@ -285,7 +288,8 @@ def test_two_process_torchrun_matches_a_single_process_run(tmp_path):
     for step, loss in losses(distributed).items():
         assert loss == pytest.approx(losses(single)[step], rel=1e-4), step
     # Gradients are summed in another order across ranks, so weights agree to float tolerance.
-    got = load_file(distributed / "output" / "adapter_model.safetensors")
-    want = load_file(single / "output" / "adapter_model.safetensors")
+    weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    got, want = load_file(distributed / "output" / weights), load_file(single / "output" / weights)
+    assert got.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-4, msg=name)

@@ -237,3 +237,25 @@ def test_a_real_sdk_call_with_the_local_api_server_disabled_fails_fast_in_one_li
 def test_polling_an_unknown_job_is_one_clear_error(tmp_path):
     with pytest.raises(BackendError, match="no run directory under .* knows SkyPilot managed job 99"):
         backend(tmp_path, FakeSky("failed_setup")).poll("99")
+
+
+def test_spotune_launch_with_no_api_server_is_one_line_and_exit_2(tmp_path):
+    """The whole path, in its own process: plan, record, build the real task, call the real SDK."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "train.jsonl").write_text('{"text": "hello"}\n')
+    (tmp_path / "spec.yaml").write_text("name: demo\nmodel: tiny-llama\nmethod: lora\ndata: {path: train.jsonl}\n"
+                                        "constraints: {providers: [aws, gcp, lambda]}\n")
+    env = {**os.environ, "SKY_RUNTIME_DIR": os.environ["SPOTUNE_TEST_SKY_RUNTIME"],
+           "SKYPILOT_DISABLE_LOCAL_API_SERVER": "1", "HF_TOKEN": "hf_never_in_state_93b1"}
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "--state-dir", str(tmp_path / "state"),
+                           "launch", str(tmp_path / "spec.yaml"), "--backend", "skypilot"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    error_lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "Traceback" not in done.stderr
+    assert "SkyPilot launch failed: No SkyPilot API server endpoint is configured" in error_lines[0]
+    assert not any("hf_never_in_state_93b1" in p.read_text(errors="ignore")
+                   for p in (tmp_path / "state").rglob("*") if p.is_file())

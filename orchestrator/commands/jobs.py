@@ -48,6 +48,11 @@ def _where(a) -> str:
     return f"{a.provider}/{a.region} {count}{a.gpu}{kind} at ${a.price_per_hour:,.2f}/h"
 
 
+def _usd(amount) -> str:
+    """Cents, or four decimals for the sub-dollar amounts tiny jobs cost."""
+    return f"${amount:,.2f}" if abs(amount) >= 1 else f"${amount:,.4f}"
+
+
 def _short_where(a) -> str:
     count = f"{a.gpu_count}x" if a.gpu_count > 1 else ""
     return f"{a.provider}/{a.region} {count}{a.gpu}{' spot' if a.spot else ''}"
@@ -193,7 +198,7 @@ def launch(
     console.print(f"[bold]plan[/] {plan.job}: {plan.model_name} {plan.method}, {plan.total_tokens:,} tokens · "
                   f"option {chosen.rank} of {len(plan.options)}: {_where(jobs.placement_of(chosen))}"
                   f" · {chosen.tokens_per_second:,.0f} tokens/s · {chosen.expected_hours:.4f} h · "
-                  f"expected ${chosen.expected_cost:,.2f}")
+                  f"expected {_usd(chosen.expected_cost)}")
     if dry_run:
         _dry_run(console, spec, job_spec, chosen_backend, plan, chosen)
         return

@@ -57,6 +57,7 @@ class Entry:
             "actual": {"cost": _cents(rec.actual_cost), "hours": round(float(rec.actual_hours), 4), "tokens": rec.tokens,
                        "tokens_per_second": None if rec.tokens_per_second is None else round(rec.tokens_per_second, 1)},
             "variance": {"total": _cents(rec.variance), **{part: _cents(getattr(rec, part)) for part in SPLIT}},
+            "story": rec.story(),
             "attempts": [{"n": a.n, "provider": a.provider, "region": a.region, "gpu": a.gpu, "gpu_count": a.gpu_count,
                           "spot": a.spot, "price_per_hour": float(a.price_per_hour), "started_at": _iso(a.started_at),
                           "ended_at": _iso(a.ended_at), "end_reason": a.end_reason,

@@ -88,8 +88,12 @@ def _print_rejected(console, plan) -> None:
 
 def _print_assumptions(console, plan) -> None:
     dataset = plan.assumptions.get("dataset", {})
+    held_out = dataset.get("validation_fraction") or 0
+    split = f" x {1 - held_out:g} (validation held out)" if held_out else ""
     console.print(f"tokens: {dataset.get('examples', 0):,} examples, {dataset.get('tokens_per_epoch', 0):,} tokens per "
-                  f"epoch ({dataset.get('counted')}) x {dataset.get('epochs')} epochs = {plan.total_tokens:,}", markup=False)
+                  f"epoch ({dataset.get('counted')}){split} x {dataset.get('epochs'):g} epochs = {plan.total_tokens:,}"
+                  + (" (capped by train.max_steps x batch.global x seq_len)" if dataset.get("capped_by_max_steps") else ""),
+                  markup=False)
     calibration = plan.assumptions.get("calibration", {})
     console.print(f"speed: {calibration.get('throughput_scaling', '')}; memory and speed calibrated on H100 "
                   f"anchors (orchestrator/estimate/calibration.yaml)", markup=False)

@@ -94,7 +94,7 @@ def count_dataset_tokens(path: Path, tokenizer_file: Optional[Path] = None, on_b
     chars = sum(len(t) for t in texts)
     tokens = max(len(texts), round(chars / CHARS_PER_TOKEN))
     return DatasetTokens(len(texts), tokens,
-                         f"estimated at ~{CHARS_PER_TOKEN:g} characters per token (no local tokenizer){note}")
+                         f"estimated at ~{CHARS_PER_TOKEN:g} characters per token: no local tokenizer{note}")
 
 
 def dataset_tokens(spec, tokenizer_file: Optional[Path] = None, byte_tokenizer: bool = False) -> DatasetTokens:
