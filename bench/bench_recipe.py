@@ -163,7 +163,9 @@ def main() -> None:
     runs = GPU_RUNS if gpu else CPU_RUNS
     device = torch.cuda.get_device_name(0) if gpu else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
     results = {"device": device, "torch": torch.__version__, "measured_steps": steps,
-               "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "recipe": [], "naive": []}
+               "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "recipe": [], "naive": [],
+               # Context for CPU figures on a shared machine: other work competes for the cores.
+               "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
     print(f"device: {device}", flush=True)
     for model, method, seq, global_batch in runs:
         r = _in_subprocess(["--one", model, method, str(seq), str(global_batch), "--steps", str(steps),

@@ -137,13 +137,9 @@ class RayBackend:
             return
         import asyncio
 
-        async def collect():
-            async for chunk in self.client.tail_job_logs(external_id):
-                yield chunk
-
-        loop = asyncio.new_event_loop()
+        loop = asyncio.new_event_loop()  # tail_job_logs is an async generator over a websocket
         try:
-            stream = collect().__aiter__()
+            stream = self.client.tail_job_logs(external_id).__aiter__()
             pending = ""
             while True:
                 try:

@@ -89,7 +89,9 @@ class SkyPilotBackend:
                                         secrets=secrets_from_environment(spec), env=request.env)
         except SkyTaskError as e:  # the ledger records a failed submit, with this reason
             raise BackendError(str(e)) from None
-        job_ids, _controller = self._request("launch", self._sky.jobs.launch, task, name=request.job_id)
+        # (job_ids, controller handle[, credentials]), as sky's decoder returns it
+        job_ids = self._request("launch", self._sky.jobs.launch, task, name=request.job_id)[0]
+        job_ids = [job_ids] if isinstance(job_ids, int) else job_ids
         if not job_ids:
             raise BackendError("SkyPilot launch returned no managed job id")
         external_id = str(job_ids[0])

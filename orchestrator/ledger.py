@@ -52,7 +52,7 @@ def _record(cls, row, **extra):
 
 
 def normalize_url(url: str) -> str:
-    """`postgresql://` and `postgres://` mean psycopg 3 (the driver spotune ships), not psycopg2."""
+    """`postgresql://` and `postgres://` mean psycopg 3 (the `postgres` extra's driver), not psycopg2."""
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix):]
@@ -75,8 +75,10 @@ class Ledger:
                 self._engine = self._sqlite_engine(parsed)
             else:
                 self._engine = create_engine(parsed, pool_pre_ping=True)
-        except (NoSuchModuleError, ImportError) as e:
+        except NoSuchModuleError as e:
             raise LedgerError(f"unsupported ledger URL {self.display_url}: {e}") from None
+        except ImportError as e:
+            raise LedgerError(f"the ledger at {self.display_url} needs the {e.name} driver: pip install 'spotune[postgres]'") from None
         except OSError as e:
             raise LedgerError(f"cannot create the ledger's directory for {self.display_url}: {e.strerror}") from None
         # Writes on SQLite take the write lock at BEGIN (IMMEDIATE): a deferred transaction that

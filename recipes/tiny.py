@@ -20,7 +20,7 @@ from pathlib import Path
 TINY_MODEL_NAME = "tiny-llama"
 
 # Bump when the architecture, seed or tokenizer changes: an older cached build is then rebuilt.
-TINY_BUILD_VERSION = 1
+TINY_BUILD_VERSION = 2
 _MARKER = "spotune-tiny.json"
 
 SPECIAL_TOKENS = {
@@ -150,7 +150,7 @@ def ensure_tiny_model(cache_dir: Path | str | None = None) -> Path:
         model = build_model(tokenizer)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / _MARKER).write_text(json.dumps({"version": TINY_BUILD_VERSION, "seed": SEED, **ARCHITECTURE}))
+        (tmp / _MARKER).write_text(json.dumps({"version": TINY_BUILD_VERSION, "seed": SEED, "init_std": INIT_STD, **ARCHITECTURE}))
         if target.exists() and not _is_complete(target):
             # A stale build of an older version: move it aside first (rename is atomic; rmtree is not).
             stale = Path(tempfile.mkdtemp(prefix=f".{TINY_MODEL_NAME}.stale-", dir=target.parent))

@@ -18,14 +18,27 @@ CATALOG = Path(__file__).parent / "fixtures" / "sky" / "catalog" / "v8"
 
 
 def sky_with_seeded_catalog():
-    """Import sky with its catalog seeded from tests/fixtures/sky/catalog (once per process)."""
+    """Import sky with its catalog seeded from tests/fixtures/sky/catalog (once per process).
+
+    SKY_RUNTIME_DIR is set only for the import, then restored, so other tests' default catalog
+    (orchestrator.catalog.load_offers) is not changed by these; use `seeded_runtime()` with
+    monkeypatch.setenv inside the SkyPilot tests."""
     if "sky" not in sys.modules:
         runtime = Path(tempfile.mkdtemp(prefix="spotune-sky-"))
         target = runtime / ".sky" / "catalogs" / "v8"
         shutil.copytree(CATALOG, target, ignore=shutil.ignore_patterns("*.md"))
         _write_accelerator_index(target)
-        os.environ["SKY_RUNTIME_DIR"] = str(runtime)
         os.environ["SPOTUNE_TEST_SKY_RUNTIME"] = str(runtime)
+        previous = os.environ.get("SKY_RUNTIME_DIR")
+        os.environ["SKY_RUNTIME_DIR"] = str(runtime)
+        try:
+            import sky  # noqa: F401  (fixes its catalog dir now)
+            from sky.catalog import common  # noqa: F401
+        finally:
+            if previous is None:
+                os.environ.pop("SKY_RUNTIME_DIR", None)
+            else:
+                os.environ["SKY_RUNTIME_DIR"] = previous
     import sky
     from sky.catalog import common
 
@@ -52,6 +65,10 @@ def _write_accelerator_index(catalog_dir: Path) -> None:
         writer.writerow(["AcceleratorName", "Clouds"])
         for name, clouds in sorted(clouds_of.items()):
             writer.writerow([name, str(sorted(clouds))])
+
+
+def seeded_runtime() -> str:
+    return os.environ["SPOTUNE_TEST_SKY_RUNTIME"]
 
 
 def catalog_offers():

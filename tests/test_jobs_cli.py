@@ -34,7 +34,9 @@ def write_spec(directory: Path, name: str = "tiny-cli", *, max_steps: int = 3) -
 
 
 def spotune_cmd(state: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "orchestrator.cli", "--state-dir", str(state), *args]
+    # The console script's entry point (`python -m orchestrator.cli` would load cli.py twice,
+    # as __main__ and as orchestrator.cli, and the --state-dir flag would land in the wrong one).
+    return [sys.executable, "-c", "from orchestrator.cli import main; main()", "--state-dir", str(state), *args]
 
 
 ENV = {**os.environ, "COLUMNS": "200"}

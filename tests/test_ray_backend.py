@@ -123,6 +123,8 @@ def test_a_finished_ray_job_is_one_attempt_priced_from_the_spec_with_its_events(
     events = [json.loads(line) for line in final.events_path.read_text().splitlines()]
     # The stand-in read the staged spec and the data file shipped with it: three lines.
     assert [(e["event"], e.get("total_steps") or e.get("tokens")) for e in events] == [("start", 3), ("finished", 3)]
+    followed = list(backend.logs(external_id, follow=True))  # streams, and ends with the job
+    assert sum(line.startswith("[spotune-event] {") for line in followed) == 2
 
 
 def test_a_crashed_recipe_fails_the_job_with_its_exit_code(tmp_path, backend):
@@ -147,7 +149,8 @@ def test_cancel_stops_the_job_after_the_recipe_handles_sigterm(tmp_path, backend
     running = wait_until(backend, external_id, {"running"})
     assert running.state == "running" and running.attempts[0].ended_at is None
     deadline = time.time() + 60  # wait for the stand-in's start event before stopping it
-    while not any('"start"' in line for line in backend.logs(external_id)) and time.time() < deadline:
+    while time.time() < deadline and not any(
+            line.startswith("[spotune-event] ") and '"start"' in line for line in backend.logs(external_id)):
         time.sleep(1)
     backend.cancel(external_id)
     final = wait_until(backend, external_id, {"cancelled", "failed", "succeeded"})

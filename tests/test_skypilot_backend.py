@@ -10,13 +10,19 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from sky_catalog import catalog_offers, sky_with_seeded_catalog
+from sky_catalog import catalog_offers, seeded_runtime, sky_with_seeded_catalog
 
 from launch.base import BackendError, LaunchRequest, Placement
 from launch.skypilot import SkyPilotBackend
 from orchestrator.plan import money
 
 sky = sky_with_seeded_catalog()
+
+
+@pytest.fixture(autouse=True)
+def _sky_runtime(monkeypatch):
+    """SkyPilot's state and config for these tests live in the seeded runtime dir too."""
+    monkeypatch.setenv("SKY_RUNTIME_DIR", seeded_runtime())
 from sky.server.requests.serializers.decoders import decode_jobs_queue_v2  # noqa: E402
 from sky.utils import dag_utils  # noqa: E402
 
@@ -248,7 +254,7 @@ def test_spotune_launch_with_no_api_server_is_one_line_and_exit_2(tmp_path):
     (tmp_path / "train.jsonl").write_text('{"text": "hello"}\n')
     (tmp_path / "spec.yaml").write_text("name: demo\nmodel: tiny-llama\nmethod: lora\ndata: {path: train.jsonl}\n"
                                         "constraints: {providers: [aws, gcp, lambda]}\n")
-    env = {**os.environ, "SKY_RUNTIME_DIR": os.environ["SPOTUNE_TEST_SKY_RUNTIME"],
+    env = {**os.environ, "SKY_RUNTIME_DIR": seeded_runtime(),
            "SKYPILOT_DISABLE_LOCAL_API_SERVER": "1", "HF_TOKEN": "hf_never_in_state_93b1"}
     done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "--state-dir", str(tmp_path / "state"),
                            "launch", str(tmp_path / "spec.yaml"), "--backend", "skypilot"],

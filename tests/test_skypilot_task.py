@@ -5,7 +5,7 @@ from decimal import Decimal
 
 import pytest
 import yaml
-from sky_catalog import catalog_offers, sky_with_seeded_catalog
+from sky_catalog import catalog_offers, seeded_runtime, sky_with_seeded_catalog
 
 from launch.sky_task import (CHECKPOINT_MOUNT, SkyTaskError, build_task, placements_from_plan,
                              render_task_yaml)
@@ -13,6 +13,12 @@ from orchestrator.plan import Option, Plan
 from orchestrator.spec import load_spec
 
 sky = sky_with_seeded_catalog()
+
+
+@pytest.fixture(autouse=True)
+def _sky_runtime(monkeypatch):
+    """SkyPilot's state and config for these tests live in the seeded runtime dir too."""
+    monkeypatch.setenv("SKY_RUNTIME_DIR", seeded_runtime())
 OFFERS = catalog_offers()
 
 
