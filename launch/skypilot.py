@@ -1,8 +1,9 @@
 """SkyPilot managed jobs as a spotune backend: SkyPilot owns spot recovery, spotune observes.
 
 submit -> sky.jobs.launch of the task from launch/sky_task.py; poll -> sky.jobs.queue_v2; cancel
--> sky.jobs.cancel (SIGTERM to the recipe, which checkpoints; graceful waits for the MOUNT_CACHED
-upload); logs -> sky.jobs.tail_logs. Every SDK call returns a request id resolved by sky.get.
+-> sky.jobs.cancel(graceful=True) (SIGTERM on the node, the recipe checkpoints; graceful waits for
+the MOUNT_CACHED upload); logs -> sky.jobs.tail_logs. Each SDK call returns a request id that
+sky.get resolves.
 
 queue_v2 is a snapshot (status, last_recovered_at, accumulated job_duration, where it runs now),
 so the backend keeps what it has seen in <run_dir>/skypilot.json and turns the sequence of
@@ -117,8 +118,9 @@ class SkyPilotBackend:
                            detail=detail, events_path=events_path)
 
     def cancel(self, external_id: str, *, graceful: bool = True) -> None:
-        # SkyPilot sends SIGTERM to the run command; the recipe checkpoints and exits 75.
-        # graceful=True also waits until MOUNT_CACHED has uploaded that checkpoint.
+        # SkyPilot SIGTERMs the job's process group on the node (skylet job_lib.cancel_jobs); the
+        # recipe checkpoints on SIGTERM and exits 75. graceful=True makes SkyPilot wait until
+        # MOUNT_CACHED has uploaded what was written (that checkpoint) before tearing down.
         self._request("cancel", self._sky.jobs.cancel, job_ids=[int(external_id)], graceful=graceful)
 
     def logs(self, external_id: str, *, follow: bool = False) -> Iterator[str]:

@@ -12,6 +12,7 @@ projected remaining cost (remaining tokens at the measured tokens/s x price) is 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import inspect
@@ -42,10 +43,24 @@ LOCAL_ONLY_OPTIONS = ("simulate_preemptions", "hard", "seed", "restart_seconds")
 # Throughput for the budget projection: the median of the latest few step samples, so one slow
 # step (a checkpoint, a warm-up) does not stop a job that is within budget.
 THROUGHPUT_WINDOW = 5
+# A backend may say how often it is worth polling (a cloud API: seconds, not a local file read).
+DEFAULT_POLL_SECONDS = 1.0
 
 
 class JobError(UserError):
     """A job cannot be launched, found or re-attached; one line for the user."""
+
+
+@contextlib.contextmanager
+def backend_errors(job_id: str):
+    """A backend that cannot answer (run dir gone, cloud API down) is one line, not a traceback;
+    the job itself is not touched, so `spotune resume` can try again."""
+    from launch.base import BackendError
+
+    try:
+        yield
+    except BackendError as e:
+        raise JobError(f"{job_id}: {e}") from None
 
 
 # --- backends ---------------------------------------------------------------------------------
@@ -200,6 +215,7 @@ class Tick:
     progress: Progress
     spent: Decimal
     projected: Optional[Decimal]          # spent + remaining at measured throughput
+    backend_state: str = "pending"        # what the backend itself says (launch.base.JobState)
     detail: Optional[str] = None
 
     @property
@@ -235,16 +251,17 @@ class Watcher:
     """Mirrors one job's backend into the ledger, tick by tick, until it ends."""
 
     def __init__(self, ledger: "Ledger", job_id: str, backend: "Backend", external_id: str,
-                 poll_seconds: float = 1.0):
+                 poll_seconds: Optional[float] = None):
         self.ledger = ledger
         self.job_id = job_id
         self.backend = backend
         self.external_id = external_id
-        self.poll_seconds = poll_seconds
+        self.poll_seconds = poll_seconds or getattr(backend, "poll_seconds", DEFAULT_POLL_SECONDS)
 
     def sync(self) -> "Observation":
         """One poll, written to the ledger. Safe to repeat and to run from several processes."""
-        observation = self.backend.poll(self.external_id)
+        with backend_errors(self.job_id):
+            observation = self.backend.poll(self.external_id)
         stopping_for_budget = self.ledger.get_job(self.job_id).status == "over_budget"
         for attempt in observation.attempts:
             if stopping_for_budget and attempt.end_reason == "cancelled":
@@ -280,7 +297,7 @@ class Watcher:
             self._guard_budget(job, spent, projected)
             job = self.ledger.get_job(self.job_id)
         return Tick(job=job, attempts=attempts, progress=progress, spent=spent, projected=projected,
-                    detail=observation.detail)
+                    backend_state=observation.state, detail=observation.detail)
 
     def _guard_budget(self, job: "JobRecord", spent: Decimal, projected: Optional[Decimal]) -> None:
         if job.budget is None:
@@ -296,7 +313,8 @@ class Watcher:
             reason = f"over budget: spent ${spent:.2f} passes the budget of ${budget:.2f}; stopped with a checkpoint"
         # Status first: a watcher that dies right after the cancel still knows why it stopped.
         self.ledger.set_status(self.job_id, "over_budget", reason)
-        self.backend.cancel(self.external_id, graceful=True)
+        with backend_errors(self.job_id):
+            self.backend.cancel(self.external_id, graceful=True)
 
     def watch(self, on_tick: Optional[Callable[[Tick], None]] = None, timeout: Optional[float] = None) -> Tick:
         """Tick until the backend says the job ended (or `timeout` seconds pass)."""
@@ -305,18 +323,16 @@ class Watcher:
             tick = self.tick()
             if on_tick is not None:
                 on_tick(tick)
-            if tick.done and self._backend_done():
+            # Both ended: an over-budget stop is recorded before the checkpoint is written.
+            if tick.done and tick.backend_state in BACKEND_TERMINAL:
                 return tick
             if deadline is not None and time.monotonic() > deadline:
                 return tick
             time.sleep(self.poll_seconds)
 
-    def _backend_done(self) -> bool:
-        return self.backend.poll(self.external_id).state in BACKEND_TERMINAL
-
 
 def attach(ledger: "Ledger", job_ref: str, backend: Optional["Backend"] = None,
-           poll_seconds: float = 1.0, state_dir: Optional[Path] = None) -> Watcher:
+           poll_seconds: Optional[float] = None, state_dir: Optional[Path] = None) -> Watcher:
     """A watcher for a recorded job, rebuilt from the ledger alone (backend name + external id)."""
     job = ledger.get_job(job_ref)
     if job.external_id is None:
@@ -329,5 +345,6 @@ def cancel_job(ledger: "Ledger", job_ref: str, backend: Optional["Backend"] = No
                state_dir: Optional[Path] = None) -> Tick:
     """Ask the backend to checkpoint and stop, then watch until it has."""
     watcher = attach(ledger, job_ref, backend, state_dir=state_dir)
-    watcher.backend.cancel(watcher.external_id, graceful=graceful)
+    with backend_errors(watcher.job_id):
+        watcher.backend.cancel(watcher.external_id, graceful=graceful)
     return watcher.watch(on_tick=on_tick, timeout=wait_seconds)

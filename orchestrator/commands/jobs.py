@@ -179,7 +179,7 @@ def launch(
     hard: bool = typer.Option(False, "--hard", help="Simulated preemptions send SIGKILL (no checkpoint) instead of SIGTERM."),
     seed: int = typer.Option(0, "--seed", help="Seed for when simulated preemptions happen."),
     restart_seconds: Optional[float] = typer.Option(None, "--restart-seconds", help="Local backend: wait before restarting after a preemption (default 3)."),
-    poll_seconds: float = typer.Option(1.0, "--poll-seconds", help="How often to poll the backend while watching."),
+    poll_seconds: Optional[float] = typer.Option(None, "--poll-seconds", help="How often to poll the backend while watching (default: the backend's, 1 s locally)."),
 ) -> None:
     """Plan, record the estimate, launch, and watch the job to the end (ledger: estimate vs actual)."""
     from orchestrator import jobs
@@ -245,12 +245,13 @@ def status(job: Optional[str] = typer.Argument(None, help="Job id (or a unique p
 def logs(job: str = typer.Argument(..., help="Job id (or a unique prefix)."),
          follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends.")) -> None:
     """The recipe's output, attempt by attempt."""
-    from orchestrator.jobs import attach
+    from orchestrator.jobs import attach, backend_errors
 
     watcher = attach(_ledger(), job, state_dir=_state_dir())
     try:
-        for line in watcher.backend.logs(watcher.external_id, follow=follow):
-            typer.echo(line)
+        with backend_errors(watcher.job_id):
+            for line in watcher.backend.logs(watcher.external_id, follow=follow):
+                typer.echo(line)
     except KeyboardInterrupt:
         raise typer.Exit(130)
 
@@ -275,7 +276,7 @@ def cancel(job: str = typer.Argument(..., help="Job id (or a unique prefix)."),
 
 
 def resume(job: str = typer.Argument(..., help="Job id (or a unique prefix)."),
-           poll_seconds: float = typer.Option(1.0, "--poll-seconds", help="How often to poll the backend.")) -> None:
+           poll_seconds: Optional[float] = typer.Option(None, "--poll-seconds", help="How often to poll the backend (default: the backend's, 1 s locally).")) -> None:
     """Re-attach to a job (after the CLI died or was detached) and watch it to the end."""
     from orchestrator.jobs import attach
 
