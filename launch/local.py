@@ -207,28 +207,34 @@ class LocalBackend:
         os.replace(tmp, run_dir / CONTROL_FILE)
 
     def logs(self, external_id: str, *, follow: bool = False, poll_seconds: float = 0.5) -> Iterator[str]:
-        """Each attempt's log in turn (`logs/attempt-N.log`); with follow, tail until the job ends."""
+        """Each attempt's log in turn (`logs/attempt-N.log`); with follow, tail until the job ends.
+        Progress bars redraw with carriage returns: each redraw is a line here."""
         run_dir = self._run_dir(external_id)
-        n, offset = 1, 0
+        n, offset, announced = 1, 0, False
         while True:
             log = run_dir / "logs" / f"attempt-{n}.log"
             if log.exists():
-                if offset == 0:
+                if not announced:
+                    announced = True
                     yield f"── attempt {n} ──"
                 data = _read_from(log, offset)
-                whole = data.rfind(b"\n") + 1  # a partial last line is read again next time
-                yield from data[:whole].decode(errors="replace").splitlines()
+                whole = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1  # a partial line waits for the next read
+                yield from _lines(data[:whole])
                 offset += whole
             done = not follow or self.poll(external_id).state in TERMINAL_STATES
-            if (run_dir / "logs" / f"attempt-{n + 1}.log").exists() or done:
-                rest = _read_from(log, offset).decode(errors="replace").rstrip("\n") if log.exists() else ""
-                if rest:
-                    yield rest
-                if done and not (run_dir / "logs" / f"attempt-{n + 1}.log").exists():
+            next_exists = (run_dir / "logs" / f"attempt-{n + 1}.log").exists()
+            if next_exists or done:
+                if log.exists():
+                    yield from _lines(_read_from(log, offset))
+                if done and not next_exists:
                     return
-                n, offset = n + 1, 0
+                n, offset, announced = n + 1, 0, False
                 continue
             time.sleep(poll_seconds)
+
+
+def _lines(data: bytes) -> list[str]:
+    return [line for line in data.decode(errors="replace").splitlines() if line.strip()]
 
 
 def _read_from(path: Path, offset: int) -> bytes:

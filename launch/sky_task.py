@@ -38,6 +38,11 @@ NODE_SPEC_FILE = "$HOME/spotune-spec.yaml"
 # The recipe exits 75 after a clean checkpoint on SIGTERM (a spot termination notice): recover
 # then, whatever max_restarts_on_errors says.
 PREEMPTED_EXIT_CODE = 75
+# Regions kept per (cloud, instance type, spot) in the ordered resources. Cheap offers are often
+# one instance type listed in many regions at one price; without a cap the max_options slots go
+# to regions of a single offer and the fallback never reaches another cloud or GPU. Two regions
+# give a same-offer fallback; EAGER_NEXT_REGION recovery moves between regions beyond that.
+REGIONS_PER_OFFER = 2
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -118,17 +123,25 @@ def _job_recovery(spec) -> dict:
 def sky_resources(spec, placements: Sequence[Placement]):
     """Ordered sky.Resources for the placements SkyPilot can launch, capped at spec.sky.max_options.
 
+    The placements' order (cost) is kept, but at most REGIONS_PER_OFFER regions of one
+    (cloud, instance type, spot) are taken, so the slots span several offers; the first
+    placement SkyPilot can launch is always the first resource.
     Returns (resources, skipped): a placement on a provider SkyPilot does not know, or one its
     catalog does not list, is skipped with the reason rather than failing the whole task.
+    Placements left out by the per-offer cap are not "skipped": they are not failures.
     """
     import sky
     from sky import exceptions
     from sky.utils import registry
 
     resources, skipped = [], []
+    regions_taken: dict[tuple, int] = {}
     for p in placements:
         if len(resources) >= spec.sky.max_options:
             break
+        offer_key = (p.provider, p.instance_type, p.gpu, p.gpu_count, p.spot)
+        if regions_taken.get(offer_key, 0) >= REGIONS_PER_OFFER:
+            continue
         try:
             cloud = registry.CLOUD_REGISTRY.from_str(p.provider)
         except ValueError:
@@ -140,6 +153,7 @@ def sky_resources(spec, placements: Sequence[Placement]):
             resources.append(sky.Resources(
                 infra=f"{p.provider}/{p.region}", instance_type=p.instance_type,
                 accelerators={p.gpu: p.gpu_count}, use_spot=p.spot, job_recovery=_job_recovery(spec)))
+            regions_taken[offer_key] = regions_taken.get(offer_key, 0) + 1
         except (ValueError, exceptions.ResourcesUnavailableError) as e:  # not in sky's catalog
             skipped.append(SkippedPlacement(p, first_line(e)))
     return resources, skipped
@@ -219,7 +233,8 @@ def render_task_yaml(spec, plan, job_id: str, placements: Optional[Sequence[Plac
     if spec.sky.secrets:
         config["secrets"] = {name: None for name in spec.sky.secrets}
     header = [f"# spotune job {job_id}: SkyPilot managed-job task (dry run, nothing launched)",
-              "# resources are tried in order: the plan's options, cheapest expected cost first"]
+              "# resources are tried in order: the plan's options, cheapest expected cost first,",
+              f"# at most {REGIONS_PER_OFFER} regions per instance type (recovery moves on between regions)"]
     for s in skipped:
         header.append(f"# skipped {s.placement.provider}/{s.placement.region} {s.placement.gpu}:"
                       f"{s.placement.gpu_count}{' spot' if s.placement.spot else ''}: {s.reason}")

@@ -34,6 +34,10 @@ class Offer:
     zone: Optional[str] = None
     source: str = "bundled"       # "bundled" or the path of the SkyPilot vms.csv it came from
     read_on: Optional[str] = None  # ISO date the price was read
+    # The instance's host shape, as SkyPilot's catalog lists it (vCPUs, MemoryGiB): SkyPilot
+    # needs both to launch an instance type. None where the source does not give them.
+    vcpus: Optional[float] = None
+    memory_gib: Optional[float] = None
 
     def price(self, spot: bool) -> Optional[Decimal]:
         return self.price_spot if spot else self.price_on_demand

@@ -56,11 +56,23 @@ def _probe_bitsandbytes(device: torch.device, dtype: torch.dtype) -> None:
                           f"{device.type} here ({detail}); use method 'lora' or a supported GPU") from None
 
 
-def load_model(cfg, device: torch.device, dtype: torch.dtype, attention: str):
-    """(tokenizer, model) for cfg.model; an unloadable model is a ConfigError naming it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+def _cannot_load(cfg, error: Exception) -> ConfigError:
+    return ConfigError(f"cannot load model '{cfg.model}': {' '.join(str(error).split())[:300]}")
 
-    path = resolve_model(cfg.model)
+
+def load_tokenizer(cfg):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model(cfg.model))
+    except (OSError, ValueError, KeyError, ImportError) as e:
+        raise _cannot_load(cfg, e) from None
+
+
+def load_model(cfg, device: torch.device, dtype: torch.dtype, attention: str):
+    """The pretrained model for cfg.method; an unloadable model is a ConfigError naming it."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
     kwargs = dict(dtype=dtype, attn_implementation=attention)
     if cfg.method == "qlora":
         _probe_bitsandbytes(device, dtype)
@@ -70,13 +82,11 @@ def load_model(cfg, device: torch.device, dtype: torch.dtype, attention: str):
     if device.type == "cuda" or cfg.method == "qlora":
         kwargs["device_map"] = {"": device}  # straight onto the device, no full copy in host memory
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.model), **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as e:
-        detail = " ".join(str(e).split())[:300]
-        raise ConfigError(f"cannot load model '{cfg.model}': {detail}") from None
+        raise _cannot_load(cfg, e) from None
     model.config.use_cache = False
-    return tokenizer, model
+    return model
 
 
 def apply_method(cfg, model, gradient_checkpointing: bool):

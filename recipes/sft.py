@@ -33,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("spec", type=Path, help="job spec YAML (the same file `spotune plan` reads)")
     p.add_argument("--run-dir", type=Path, required=True, help="events.jsonl and output/ go here")
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="default RUN_DIR/checkpoints (e.g. a bucket mount)")
-    p.add_argument("--attempt", type=int, default=int(os.environ.get("SPOTUNE_ATTEMPT", "1")))
+    p.add_argument("--attempt", type=int, default=os.environ.get("SPOTUNE_ATTEMPT", "1"),
+                   help="attempt number recorded in every event (default $SPOTUNE_ATTEMPT or 1)")
     p.add_argument("--merge", action="store_true", help="LoRA/QLoRA: also write merged full weights to output/merged")
     return p.parse_args(argv)
 

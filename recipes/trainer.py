@@ -27,8 +27,8 @@ from recipes.config import ConfigError
 from recipes.data import IGNORE_INDEX, build_datasets
 from recipes.events import EXIT_FINISHED, EXIT_PREEMPTED
 from recipes.modeling import (
-    CausalLMLoss, apply_method, attention_implementation, compute_dtype, gradient_sync, load_model, plan_batch,
-    wrap_distributed)
+    CausalLMLoss, apply_method, attention_implementation, compute_dtype, gradient_sync, load_model, load_tokenizer,
+    plan_batch, wrap_distributed)
 
 BLOCK_FIELDS = ("input_ids", "labels", "position_ids", "document_ids")
 
@@ -89,9 +89,11 @@ class Trainer:
                               f"{self.world_size} GPUs")
         self.per_rank_blocks = cfg.batch.global_ // self.world_size
 
-        _seed_everything(cfg.train.seed)  # LoRA init draws from it: identical on every rank
-        self.tokenizer, model = load_model(cfg, self.device, self.dtype, self.attention)
+        # Data before the model: a bad line fails in seconds, not after loading 16 GB of weights.
+        self.tokenizer = load_tokenizer(cfg)
         train_blocks, _, self.data_stats = build_datasets(cfg, self.tokenizer)
+        _seed_everything(cfg.train.seed)  # LoRA init draws from it: identical on every rank
+        model = load_model(cfg, self.device, self.dtype, self.attention)
         self.blocks = {k: torch.tensor([b[k] for b in train_blocks], dtype=torch.int32) for k in BLOCK_FIELDS}
         self.block_tokens = (self.blocks["document_ids"] >= 0).sum(dim=1)
         self.micro, self.gradient_checkpointing = plan_batch(
@@ -245,7 +247,8 @@ class Trainer:
             gpu_count=self.world_size if cuda else 0, total_steps=self.total_steps, total_tokens=self._planned_tokens(),
             method=self.cfg.method, micro_batch=self.micro, global_batch=self.cfg.batch.global_,
             gradient_checkpointing=self.gradient_checkpointing, attention=self.attention,
-            dtype=str(self.dtype).removeprefix("torch."), blocks=self.order.n_blocks, epoch=self.epoch)
+            dtype=str(self.dtype).removeprefix("torch."), blocks=self.order.n_blocks, epoch=self.epoch,
+            examples=self.data_stats.train_examples, skipped_lines=sum(self.data_stats.skipped.values()))
         if self.preemption.requested:  # signalled during setup: the last checkpoint already holds it all
             self.events.emit("preempted", step=self.step, signal=self.preemption.signal_name)
             return EXIT_PREEMPTED

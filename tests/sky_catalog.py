@@ -27,7 +27,7 @@ def sky_with_seeded_catalog():
         runtime = Path(tempfile.mkdtemp(prefix="spotune-sky-"))
         target = runtime / ".sky" / "catalogs" / "v8"
         shutil.copytree(CATALOG, target, ignore=shutil.ignore_patterns("*.md"))
-        _write_accelerator_index(target)
+        write_accelerator_index(target)
         os.environ["SPOTUNE_TEST_SKY_RUNTIME"] = str(runtime)
         previous = os.environ.get("SKY_RUNTIME_DIR")
         os.environ["SKY_RUNTIME_DIR"] = str(runtime)
@@ -49,11 +49,12 @@ def sky_with_seeded_catalog():
     return sky
 
 
-def _write_accelerator_index(catalog_dir: Path) -> None:
+def write_accelerator_index(catalog_dir: Path) -> None:
     """common/accelerators.csv: which clouds list each accelerator name. SkyPilot downloads this
     derived file to canonicalize GPU names; here it is derived from the seeded files instead."""
     clouds_of: dict[str, set[str]] = {}
-    display = {"aws": "AWS", "gcp": "GCP", "lambda": "Lambda"}
+    display = {"aws": "AWS", "gcp": "GCP", "azure": "Azure", "lambda": "Lambda", "runpod": "RunPod",
+               "vast": "Vast", "nebius": "Nebius", "verda": "Verda"}
     for vms in sorted(catalog_dir.glob("*/vms.csv")):
         with open(vms, newline="", encoding="utf-8") as f:
             for row in csv.DictReader(f):

@@ -14,6 +14,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from sky_catalog import write_accelerator_index
 from typer.testing import CliRunner
 
 from orchestrator import catalog
@@ -161,6 +162,16 @@ def test_gcp_accelerator_spot_dearer_than_on_demand_is_kept_not_clamped(sky_offe
     assert ultra.price_spot == Decimal("0.47328") + Decimal("2.1626")
 
 
+def test_host_vcpus_and_memory_are_read_with_each_offer(sky_offers):
+    p5 = pick(sky_offers, "aws", "p5.48xlarge", "us-east-1")[0]
+    assert (p5.vcpus, p5.memory_gib) == (192.0, 2048.0)
+    a2 = pick(sky_offers, "gcp", "a2-highgpu-1g", zone="us-central1-a")[0]  # from the host row
+    assert (a2.vcpus, a2.memory_gib) == (12.0, 85.0)
+    vast = pick(sky_offers, "vast", "2x-H200-32-65536")[0]
+    assert (vast.vcpus, vast.memory_gib) == (32.0, 64.0)
+    assert all(o.vcpus and o.memory_gib for o in sky_offers)
+
+
 def test_vram_falls_back_to_the_spec_table_without_gpuinfo(tmp_path):
     vms = tmp_path / "lambda" / "vms.csv"
     vms.parent.mkdir()
@@ -217,6 +228,7 @@ def test_bundled_snapshot_rows_are_sourced_dated_priced_and_known():
         assert offer.price_on_demand is not None or offer.price_spot is not None, offer
         assert all(p is None or p > 0 for p in (offer.price_on_demand, offer.price_spot)), offer
         assert offer.gpu in specs and offer.gpu_count >= 1 and offer.vram_gb_per_gpu > 0, offer
+        assert offer.vcpus and offer.vcpus > 0 and offer.memory_gib and offer.memory_gib > 0, offer
     assert {o.provider for o, _ in rows} >= {"aws", "gcp", "azure", "lambda", "runpod", "vast", "nebius", "verda"}
     assert {o.gpu for o, _ in rows} >= {"H100", "H200", "B200", "A100", "A100-80GB", "L40S", "A10G", "L4", "A10",
                                         "RTX4090", "A6000"}
@@ -227,6 +239,14 @@ def test_bundled_snapshot_keeps_the_skypilot_figures_it_was_built_from():
     p4d = pick(bundled, "aws", "p4d.24xlarge", "us-east-1")[0]
     assert (p4d.price_on_demand, p4d.price_spot) == (Decimal("21.957642"), Decimal("7.879900"))
     assert pick(bundled, "gcp", "a2-highgpu-1g", zone="us-central1-a")[0].price_on_demand == Decimal("3.67339")
+    assert (p4d.vcpus, p4d.memory_gib) == (96.0, 1152.0)
+
+
+def test_bundled_rows_not_from_skypilot_carry_the_published_instance_shape():
+    bundled = catalog.load_offers(include_sky=False)
+    nd_h100 = pick(bundled, "azure", "Standard_ND96isr_H100_v5", "eastus")[0]
+    assert (nd_h100.vcpus, nd_h100.memory_gib) == (96.0, 1900.0)
+    assert (pick(bundled, "gcp", "n1-standard-8")[0].vcpus, pick(bundled, "gcp", "n1-standard-8")[0].memory_gib) == (8.0, 30.0)
 
 
 # --- GPU specs ----------------------------------------------------------------------------
@@ -299,7 +319,7 @@ def test_managed_quotes_reject_an_unknown_method():
 
 def _fields(offers):
     return sorted((o.provider, o.region, o.zone, o.instance_type, o.gpu, o.gpu_count, o.vram_gb_per_gpu,
-                   o.price_on_demand, o.price_spot) for o in offers)
+                   o.price_on_demand, o.price_spot, o.vcpus, o.memory_gib) for o in offers)
 
 
 def test_export_round_trips_through_the_reader(sky_home, tmp_path):
@@ -308,6 +328,25 @@ def test_export_round_trips_through_the_reader(sky_home, tmp_path):
     written = catalog.export_sky(offers, out)
     assert {p.parent.name for p in written} == {o.provider for o in offers}
     assert _fields(read_sky_catalog(out)) == _fields(offers)
+
+
+def test_export_round_trips_the_bundled_snapshot_with_its_host_shapes(tmp_path):
+    bundled = catalog.load_offers(include_sky=False)
+    catalog.export_sky(bundled, tmp_path)
+    assert _fields(read_sky_catalog(tmp_path)) == _fields(bundled)
+
+
+def test_export_leaves_out_offers_without_vcpus_or_memory_with_one_counted_warning(tmp_path, caplog):
+    from dataclasses import replace
+
+    bundled = catalog.load_offers(include_sky=False)
+    azure = [o for o in bundled if o.provider == "azure"]
+    shapeless = [replace(azure[0], vcpus=None), replace(azure[1], memory_gib=None)]
+    catalog.export_sky(azure[2:] + shapeless, tmp_path)
+    exported = read_sky_catalog(tmp_path)
+    assert _fields(exported) == _fields(azure[2:])
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["skipped 2 offer(s) with no vCPUs/MemoryGiB, which SkyPilot needs to launch them (2 azure)"]
 
 
 def test_export_writes_each_clouds_own_header(sky_home, tmp_path):
@@ -364,6 +403,58 @@ def test_skypilot_reads_the_exported_catalog_as_the_same_offers(sky_home, tmp_pa
     offers = catalog.load_offers(sky_home)  # SkyPilot's excerpts plus bundled azure and gcp rows
     catalog.export_sky(offers, tmp_path / "runtime" / ".sky" / "catalogs" / "v8")
     assert _skypilot_listing(tmp_path / "runtime", sorted({o.provider for o in offers})) == _our_listing(offers)
+
+
+_SKYPILOT_LAUNCH_PRICES = """
+import json, sys
+import sky
+from sky import catalog
+out = []
+for cloud, region, zone, instance_type, gpu, count, spot in json.loads(sys.argv[1]):
+    hourly = catalog.get_hourly_cost(instance_type, spot, region, zone, clouds=cloud)
+    if cloud == "gcp":  # GCP prices the host VM and its GPUs on separate rows
+        hourly += catalog.get_accelerator_hourly_cost(gpu, count, spot, region, zone, clouds=cloud)
+    vcpus, memory = catalog.get_vcpus_mem_from_instance_type(instance_type, clouds=cloud)
+    resources = sky.Resources(infra=f"{cloud}/{region}" + (f"/{zone}" if zone else ""),
+                              instance_type=instance_type, accelerators={gpu: count}, use_spot=spot)
+    out.append([hourly, vcpus, memory, resources.get_cost(3600)])
+print(json.dumps(out))
+"""
+
+# One launchable offer per cloud SkyPilot lists in the bundled snapshot, spot and on-demand.
+_LAUNCH_CASES = [
+    ("aws", "us-east-1", "p4d.24xlarge", True), ("aws", "us-east-1", "p4d.24xlarge", False),
+    ("azure", "eastus", "Standard_ND96isr_H100_v5", False), ("azure", "eastus", "Standard_NC24ads_A100_v4", False),
+    ("gcp", "us-central1", "a2-highgpu-1g", True), ("gcp", "us-central1", "g2-standard-4", False),
+    ("lambda", "us-east-1", "gpu_1x_h100_pcie", False), ("nebius", "eu-north1", "gpu-h100-sxm_1gpu-16vcpu-200gb", True),
+    ("runpod", "US", "1x_H100_SECURE", True), ("verda", "FIN-02", "1H100.80S.32V", True),
+]
+
+
+@needs_skypilot
+def test_skypilot_launches_exported_bundled_offers_at_the_planners_price(tmp_path):
+    """The issue's promise: the planner and SkyPilot's optimizer see the same prices. SkyPilot's
+    own catalog code, over `export_sky` of the bundled snapshot, prices each instance as we do and
+    can build a launchable sky.Resources for it (it needs the host's vCPUs and memory)."""
+    bundled = catalog.load_offers(include_sky=False)
+    v8 = tmp_path / "runtime" / ".sky" / "catalogs" / "v8"
+    catalog.export_sky(bundled, v8)
+    write_accelerator_index(v8)
+    offers = []
+    for provider, region, instance_type, spot in _LAUNCH_CASES:
+        found = [o for o in bundled if (o.provider, o.region, o.instance_type) == (provider, region, instance_type)
+                 and o.price(spot) is not None]
+        assert found, (provider, region, instance_type, spot)
+        offers.append((found[0], spot))
+    cases = [[o.provider, o.region, o.zone, o.instance_type, o.gpu, o.gpu_count, spot] for o, spot in offers]
+    env = {**os.environ, "SKY_RUNTIME_DIR": str(tmp_path / "runtime")}
+    done = subprocess.run([sys.executable, "-c", _SKYPILOT_LAUNCH_PRICES, json.dumps(cases)], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for (o, spot), (hourly, vcpus, memory, cost_of_an_hour) in zip(offers, json.loads(done.stdout)):
+        assert round(hourly, 6) == round(float(o.price(spot)), 6), (o, spot)
+        assert round(cost_of_an_hour, 6) == round(float(o.price(spot)), 6), (o, spot)
+        assert (vcpus, memory) == (o.vcpus, o.memory_gib), o
 
 
 # --- CLI ----------------------------------------------------------------------------------

@@ -228,6 +228,13 @@ def test_model_that_cannot_load_is_one_line_exit_2(tmp_path):
     _assert_bad_input(run_recipe(spec, tmp_path / "run"), tmp_path / "run", "cannot load model", str(not_a_model))
 
 
+def test_bad_data_line_is_one_line_exit_2(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"instruction": "Say hi", "output": "hi"}\n{"instruction": "broken"\n')
+    spec = write_spec(tmp_path, data={"path": str(data), "format": "alpaca"})
+    _assert_bad_input(run_recipe(spec, tmp_path / "run"), tmp_path / "run", f"{data}:2", "not valid JSON")
+
+
 def test_unknown_target_module_is_one_line_exit_2(tmp_path):
     spec = write_spec(tmp_path, lora__target_modules=["attention_projector"])
     _assert_bad_input(run_recipe(spec, tmp_path / "run"), tmp_path / "run", "lora.target_modules",

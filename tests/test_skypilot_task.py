@@ -91,6 +91,45 @@ def test_options_are_capped_at_max_options_and_recovery_follows_the_spec(spec, p
     assert {r.job_recovery["max_restarts_on_errors"] for r in task.resources} == {1}
 
 
+def _keys(resources):
+    return [(str(r.cloud).lower(), r.region, r.instance_type, r.use_spot) for r in resources]
+
+
+def test_fallback_takes_two_regions_per_instance_type_then_the_next_offer(spec):
+    lambda_regions = ("us-east-1", "us-west-1", "europe-central-1", "asia-south-1")
+    plan = plan_of(*[option(i, "lambda", region, "gpu_1x_a100", False, 1.0) for i, region in enumerate(lambda_regions)],
+                   option(5, *EIGHT_A100_SPOT), option(6, *ONE_A100_GCP_SPOT))
+    task, skipped = build_task(spec, "demo-1", placements_from_plan(plan))
+    assert skipped == []
+    assert _keys(task.resources) == [("lambda", "us-east-1", "gpu_1x_a100", False),
+                                     ("lambda", "us-west-1", "gpu_1x_a100", False),
+                                     ("aws", "us-east-2", "p4d.24xlarge", True),
+                                     ("gcp", "europe-west4", "a2-highgpu-1g", True)]
+
+
+def test_real_8b_qlora_plan_falls_back_across_clouds_and_gpus_in_cost_order(tmp_path):
+    """Lambda lists its cheapest GPU in 17 regions at one price: the 8 slots must not all go there."""
+    from orchestrator.planner import make_plan
+
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: big\nmodel: meta-llama/Llama-3.1-8B\nmethod: qlora\n"
+                    "data: {examples: 20000, tokens_per_example: 512}\n")
+    big = load_spec(path)
+    plan = make_plan(big, OFFERS)
+    task, _ = build_task(big, "big-1", placements_from_plan(plan))
+    got = _keys(task.resources)
+    plan_order = [(o.offer.provider, o.offer.region, o.offer.instance_type, o.spot) for o in plan.options]
+    assert len(got) == big.sky.max_options == 8
+    assert got[0] == plan_order[0]
+    positions = [plan_order.index(k) for k in got]
+    assert positions == sorted(positions)  # still cheapest expected cost first
+    per_offer = {}
+    for cloud, _, instance_type, spot in got:
+        per_offer[(cloud, instance_type, spot)] = per_offer.get((cloud, instance_type, spot), 0) + 1
+    assert max(per_offer.values()) == 2
+    assert len(per_offer) >= 4 and len({cloud for cloud, *_ in got}) >= 3
+
+
 def test_checkpoint_bucket_is_mounted_cached_and_the_run_is_keyed_by_task_id(spec, plan):
     task, _ = build_task(spec, "Demo_1", placements_from_plan(plan))
     storage = task.storage_mounts[CHECKPOINT_MOUNT]

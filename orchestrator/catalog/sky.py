@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import logging
+import math
 import re
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
@@ -19,6 +21,9 @@ from typing import Iterable, Optional
 from orchestrator.catalog.specs import GpuSpec, gpu_specs
 from orchestrator.errors import UserError
 from orchestrator.plan import Offer
+
+log = logging.getLogger(__name__)
+
 
 class CatalogError(UserError):
     """A catalog file spotune cannot read."""
@@ -81,6 +86,15 @@ def _price(text: str, allow_zero: bool = False) -> Optional[Decimal]:
     if not value.is_finite() or value < 0 or (value == 0 and not allow_zero):
         return None
     return value
+
+
+def _shape(text: str) -> Optional[float]:
+    """vCPUs or MemoryGiB; empty, unreadable or zero means unknown."""
+    try:
+        value = float(text) if text and text.strip() else 0.0
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
 
 
 def _count(text: str) -> int:
@@ -166,7 +180,7 @@ def _gcp_offers(path: Path) -> list[Offer]:
         gpu_price = _price(row.get("Price", ""))
         if host is None or gpu_price is None:
             continue  # SkyPilot cannot launch it there either
-        instance, _, _, host_price, host_spot = host
+        instance, host_vcpus, host_memory, host_price, host_spot = host
         gpu_spot = _price(row.get("SpotPrice", ""))
         spot = gpu_spot + host_spot if gpu_spot is not None and host_spot is not None else None
         vram = _vram_gb_per_gpu("gcp", gpu, count, row.get("GpuInfo", ""), specs)
@@ -176,6 +190,7 @@ def _gcp_offers(path: Path) -> list[Offer]:
             provider="gcp", region=region, instance_type=instance, gpu=gpu, gpu_count=count,
             vram_gb_per_gpu=vram, price_on_demand=gpu_price + host_price, price_spot=spot,
             zone=zone or None, source=source, read_on=read_on,
+            vcpus=host_vcpus or None, memory_gib=host_memory or None,
         ))
     return offers
 
@@ -209,7 +224,8 @@ def _rows_to_offers(cloud, rows, specs, source, read_on) -> list[Offer]:
         out.append(Offer(provider=cloud, region=row.get("Region", "").strip(), instance_type=row["InstanceType"].strip(),
                          gpu=gpu, gpu_count=count, vram_gb_per_gpu=vram, price_on_demand=on_demand,
                          price_spot=spot, zone=row.get("AvailabilityZone", "").strip() or None,
-                         source=source, read_on=read_on))
+                         source=source, read_on=read_on, vcpus=_shape(row.get("vCPUs", "")),
+                         memory_gib=_shape(row.get("MemoryGiB", ""))))
     return out
 
 
@@ -272,11 +288,16 @@ def _text(value: Optional[Decimal], none: str = "") -> str:
     return none if value is None else str(value)
 
 
+def _shape_text(value: Optional[float]) -> str:
+    return "" if value is None else str(float(value))  # SkyPilot writes 48.0, 1900.0
+
+
 def _export_row(cloud: str, offer: Offer) -> dict[str, str]:
     return {
         "InstanceType": offer.instance_type, "UpstreamCloudId": offer.instance_type,
         "AcceleratorName": offer.gpu, "AcceleratorCount": str(offer.gpu_count),
-        "vCPUs": "", "MemoryGiB": "", "GpuInfo": _gpu_info(cloud, offer),
+        "vCPUs": _shape_text(offer.vcpus), "MemoryGiB": _shape_text(offer.memory_gib),
+        "GpuInfo": _gpu_info(cloud, offer),
         "Price": _text(offer.price_on_demand),
         # Vast marks "no spot market" as 0.00; every other cloud leaves the cell empty.
         "SpotPrice": _text(offer.price_spot, none="0.00" if cloud == "vast" else ""),
@@ -288,17 +309,16 @@ def _export_row(cloud: str, offer: Offer) -> dict[str, str]:
 
 def _gcp_export_rows(offers: list[Offer]) -> list[dict[str, str]]:
     """A GCP offer becomes a host row priced 0 plus an accelerator row with the whole price,
-    so host + accelerator (how SkyPilot and this reader price it) is the offer's price."""
+    so host + accelerator (how SkyPilot and this reader price it) is the offer's price. The host
+    row carries the host VM's own vCPUs/MemoryGiB (SkyPilot pairs n1 hosts with GPUs by them)."""
     hosts: dict[tuple[str, str, str], dict[str, str]] = {}
     accelerators = []
     for o in offers:
-        cpus = 0 if o.gpu in _GCP_HOSTS else _GCP_N1_CPUS.get(o.gpu, _GCP_N1_CPUS["DEFAULT"]).get(o.gpu_count, 0)
         key = (o.instance_type, o.region, o.zone or "")
-        host = hosts.setdefault(key, {"InstanceType": o.instance_type, "vCPUs": "0", "MemoryGiB": "0",
-                                      "Region": o.region, "AvailabilityZone": o.zone or "", "Price": "0",
-                                      "SpotPrice": "0" if o.price_spot is not None else ""})
-        if cpus > float(host["vCPUs"]):
-            host["vCPUs"], host["MemoryGiB"] = str(float(cpus)), str(float(4 * cpus))
+        hosts.setdefault(key, {"InstanceType": o.instance_type, "vCPUs": _shape_text(o.vcpus),
+                               "MemoryGiB": _shape_text(o.memory_gib), "Region": o.region,
+                               "AvailabilityZone": o.zone or "", "Price": "0",
+                               "SpotPrice": "0" if o.price_spot is not None else ""})
         accelerators.append({"AcceleratorName": o.gpu, "AcceleratorCount": str(o.gpu_count),
                              "GpuInfo": _gpu_info("gcp", o), "Region": o.region,
                              "AvailabilityZone": o.zone or "", "Price": _text(o.price_on_demand),
@@ -309,12 +329,21 @@ def _gcp_export_rows(offers: list[Offer]) -> list[dict[str, str]]:
 def export_sky(offers: Iterable[Offer], out_dir: Path) -> list[Path]:
     """Write offers as SkyPilot v8 catalogs, `<out_dir>/<provider>/vms.csv`, one header per cloud.
 
-    SkyPilot's files carry vCPUs/MemoryGiB, which an Offer does not: those cells stay empty.
+    SkyPilot cannot launch an instance type whose vCPUs/MemoryGiB it does not know (its catalog
+    code asserts on them), so offers without both are left out, with one counted warning.
     Each file is written to a temporary name and renamed, so a failed export leaves no half file.
     """
     by_cloud: dict[str, list[Offer]] = {}
+    shapeless: dict[str, int] = {}
     for o in offers:
+        if o.vcpus is None or o.memory_gib is None:
+            shapeless[o.provider] = shapeless.get(o.provider, 0) + 1
+            continue
         by_cloud.setdefault(o.provider, []).append(o)
+    if shapeless:
+        counts = ", ".join(f"{n} {cloud}" for cloud, n in sorted(shapeless.items()))
+        log.warning("skipped %d offer(s) with no vCPUs/MemoryGiB, which SkyPilot needs to launch them (%s)",
+                    sum(shapeless.values()), counts)
     written = []
     for cloud, cloud_offers in sorted(by_cloud.items()):
         header = SKY_HEADERS.get(cloud, _GENERIC_HEADER)

@@ -16,12 +16,17 @@ DATA_DIR = Path(__file__).parent / "data"
 OFFERS_PATH = DATA_DIR / "offers.csv"
 SNAPSHOT_META_PATH = DATA_DIR / "snapshot.yaml"
 COLUMNS = ("provider", "region", "zone", "instance_type", "gpu", "gpu_count", "vram_gb_per_gpu",
-           "price_on_demand", "price_spot", "source", "read_on")
+           "price_on_demand", "price_spot", "source", "read_on", "vcpus", "memory_gib")
 
 
 def _decimal(text: str) -> Optional[Decimal]:
     text = text.strip()
     return Decimal(text) if text else None
+
+
+def _float(text: Optional[str]) -> Optional[float]:
+    text = (text or "").strip()
+    return float(text) if text else None
 
 
 @lru_cache(maxsize=4)
@@ -35,6 +40,7 @@ def _read(path: str, mtime_ns: int) -> tuple[tuple[Offer, ...], tuple[str, ...]]
                 gpu=row["gpu"], gpu_count=int(row["gpu_count"]), vram_gb_per_gpu=float(row["vram_gb_per_gpu"]),
                 price_on_demand=_decimal(row["price_on_demand"]), price_spot=_decimal(row["price_spot"]),
                 zone=row["zone"] or None, source="bundled", read_on=row["read_on"],
+                vcpus=_float(row.get("vcpus")), memory_gib=_float(row.get("memory_gib")),
             ))
             sources.append(row["source"])
     return tuple(offers), tuple(sources)
@@ -74,5 +80,7 @@ def write_snapshot(rows: Iterable[tuple[Offer, str]], path: Path = OFFERS_PATH) 
         for o, source in rows:
             writer.writerow([o.provider, o.region, o.zone or "", o.instance_type, o.gpu, o.gpu_count,
                              f"{o.vram_gb_per_gpu:g}", "" if o.price_on_demand is None else str(o.price_on_demand),
-                             "" if o.price_spot is None else str(o.price_spot), source, o.read_on or ""])
+                             "" if o.price_spot is None else str(o.price_spot), source, o.read_on or "",
+                             "" if o.vcpus is None else f"{o.vcpus:g}",
+                             "" if o.memory_gib is None else f"{o.memory_gib:g}"])
     tmp.replace(path)

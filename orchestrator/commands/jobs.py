@@ -229,6 +229,17 @@ def status(job: Optional[str] = typer.Argument(None, help="Job id (or a unique p
         render_job(console, ledger, record.id)
         return
     records = ledger.list_jobs()
+    live = [r for r in records if r.status not in TERMINAL_STATUSES and r.external_id is not None]
+    if live:
+        from orchestrator.errors import UserError
+        from orchestrator.jobs import attach
+
+        for r in live:
+            try:
+                attach(ledger, r.id, state_dir=_state_dir()).sync()
+            except UserError:
+                pass  # backend unreachable: show what the ledger last knew
+        records = ledger.list_jobs()
     if not records:
         console.print("no jobs in the ledger yet: spotune launch SPEC.yaml")
         return
