@@ -237,7 +237,7 @@ class Supervisor:
             return "cancelled", how
         if sent == "preempt" and by_our_signal:
             name = signal.Signals(sent_signal).name
-            return "preempted", f"simulated preemption ({name}), {how}"
+            return "preempted", f"simulated {name}, {how}"
         if rc == EXIT_PREEMPTED:
             return "preempted", how
         return "failed", f"{how}: {self._failure_message(n)}"

@@ -11,9 +11,10 @@ match it):
 Alpaca records become a user/assistant conversation. Conversations are rendered with the
 tokenizer's chat template when it has one, else a plain "### Role:" format. Rendering yields
 segments (text, trained?) that are tokenized one by one, so prompt tokens get label -100
-exactly (with data.completion_only_loss). EOS is appended when the rendering does not end
-with it. The first token of every example has label -100: in a packed block it would
-otherwise be predicted from the previous document.
+exactly (with data.completion_only_loss). EOS is appended unless the last completion already
+contains it (a template that closes the assistant turn with eos). The first token of every
+example has label -100: in a packed block it would otherwise be predicted from the previous
+document.
 
 Length rule: a chat/alpaca example longer than seq_len is a bad line (error naming file and
 line, or a counted skip with data.on_bad_line=skip), since the model could never see its
@@ -219,13 +220,17 @@ def _segments(record: object, fmt: Format, tokenizer) -> list[tuple[str, bool]]:
 def _tokenize(segments: list[tuple[str, bool]], tokenizer, completion_only_loss: bool) -> tuple[list[int], list[int]]:
     texts = [text for text, _ in segments if text]
     trained = [train for text, train in segments if text]
+    tokenized = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     input_ids: list[int] = []
     labels: list[int] = []
-    for ids, train in zip(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [], trained):
+    for ids, train in zip(tokenized, trained):
         input_ids += ids
         labels += ids if (train or not completion_only_loss) else [IGNORE_INDEX] * len(ids)
     eos = tokenizer.eos_token_id
-    if eos is not None and (not input_ids or input_ids[-1] != eos):
+    completions = [ids for ids, train in zip(tokenized, trained) if train]
+    # Templates that close the assistant turn with eos (Qwen's "<|im_end|>\n") need no second one.
+    already_stops = bool(completions) and eos in completions[-1]
+    if eos is not None and not already_stops and (not input_ids or input_ids[-1] != eos):
         last_trained = bool(labels) and labels[-1] != IGNORE_INDEX
         input_ids.append(eos)
         labels.append(eos if (last_trained or not completion_only_loss) else IGNORE_INDEX)

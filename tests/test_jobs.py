@@ -3,7 +3,6 @@ recorded once however often it is observed, spend is Σ wall hours x price, and 
 stops a job with a checkpoint before the budget is spent."""
 from __future__ import annotations
 
-import time
 from decimal import Decimal
 from pathlib import Path
 

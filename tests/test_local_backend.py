@@ -3,7 +3,6 @@ simulated spot preemptions (SIGTERM: checkpoint and exit 75; SIGKILL: no warning
 recipe that keeps crashing, fails bad input at once, and a dead supervisor is noticed."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time

@@ -151,6 +151,27 @@ def test_text_longer_than_seq_len_is_split_into_pieces_not_rejected(tmp_path, to
     assert all(e.labels[0] == IGNORE_INDEX for e in examples)
 
 
+QWEN_STYLE_TEMPLATE = (  # Qwen 2.5's shape: a default system prompt, turns closed by "<|im_end|>\n"
+    "{% if messages[0]['role'] == 'system' %}{{ '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{% else %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{% for message in messages %}{% if message['role'] != 'system' or not loop.first %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_a_template_that_closes_turns_with_eos_gets_no_second_eos(tmp_path):
+    tok = build_tokenizer()
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    tok.eos_token = "<|im_end|>"
+    tok.chat_template = QWEN_STYLE_TEMPLATE
+    record = {"messages": MESSAGES["messages"][1:]}  # no system message: the template adds its default
+    example = load_one(tmp_path, tok, record)
+    assert tok.decode(example.input_ids) == tok.apply_chat_template(record["messages"], tokenize=False)
+    assert tok.decode(example.input_ids).startswith("<|im_start|>system\nYou are a helpful assistant.")
+    assert trained_text(tok, example) == '{"song":"Halo"}<|im_end|>\n{"song":"Yellow"}<|im_end|>\n'
+
+
 def test_a_template_that_does_not_render_prefixes_as_prefixes_is_an_error(tmp_path):
     tok = build_tokenizer()
     tok.chat_template = "{% for m in messages|reverse %}{{ m['content'] }}|{% endfor %}"

@@ -6,6 +6,7 @@ really be submitted.
 """
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -42,20 +43,17 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def _where(a) -> str:
-    kind = "" if a.provider == "local" else (" spot" if a.spot else " on-demand")
-    count = f"{a.gpu_count}x" if a.gpu_count > 1 else ""
-    return f"{a.provider}/{a.region} {count}{a.gpu}{kind} at ${a.price_per_hour:,.2f}/h"
-
-
 def _usd(amount) -> str:
     """Cents, or four decimals for the sub-dollar amounts tiny jobs cost."""
     return f"${amount:,.2f}" if abs(amount) >= 1 else f"${amount:,.4f}"
 
 
-def _short_where(a) -> str:
+def _where(a, with_price: bool = True) -> str:
+    """Where an estimate, placement or attempt runs: local/this-machine CPU, aws/us-east-1 H100 spot."""
     count = f"{a.gpu_count}x" if a.gpu_count > 1 else ""
-    return f"{a.provider}/{a.region} {count}{a.gpu}{' spot' if a.spot else ''}"
+    kind = " spot" if a.spot else ""
+    price = f" at ${a.price_per_hour:,.2f}/h" if with_price else ""
+    return f"{a.provider}/{a.region} {count}{a.gpu}{kind}{price}"
 
 
 class ProgressPrinter:
@@ -87,7 +85,7 @@ class ProgressPrinter:
                 self.ended.add(a.n)
                 self.started.add(a.n)
                 seconds = (a.ended_at - a.started_at).total_seconds()
-                cost = a.price_per_hour * type(a.price_per_hour)(str(seconds / 3600))
+                cost = Decimal(str(seconds)) / 3600 * a.price_per_hour
                 colour = {"finished": "green", "preempted": "yellow"}.get(a.end_reason, "red")
                 self.console.print(f"[bold]attempt {a.n}[/] [{colour}]{a.end_reason}[/] after {_duration(seconds)}"
                                    f" · ${cost:,.4f} · {a.detail or ''}")
@@ -116,7 +114,7 @@ def render_job(console, ledger: "Ledger", job_id: str) -> None:
         table.add_column(column, justify="right" if column else "left")
     actual_price = ", ".join(sorted({f"${a.price_per_hour:,.2f}" for a in rec.attempts})) or "-"
     records = ledger.attempts(job.id)
-    table.add_row("where", _short_where(est), ", ".join(sorted({_short_where(a) for a in records})) or "-")
+    table.add_row("where", _where(est, with_price=False), ", ".join(sorted({_where(a, with_price=False) for a in records})) or "-")
     table.add_row("$/h", f"${est.price_per_hour:,.2f}", actual_price)
     table.add_row("tokens", f"{est.total_tokens:,}", f"{rec.tokens:,}" if rec.tokens is not None else "-")
     table.add_row("tokens/s", f"{est.tokens_per_second:,.0f}",
@@ -126,15 +124,15 @@ def render_job(console, ledger: "Ledger", job_id: str) -> None:
     table.add_row("cost", f"${rec.estimate_cost:,.2f}", f"${rec.actual_cost:,.2f}" + (" so far" if rec.open else ""))
     console.print(table)
     attempts = Table(title="attempts", title_justify="left")
-    for column in ("#", "ran on", "$/h", "wall", "cost", "end", "resumed from", "tokens", "detail"):
-        attempts.add_column(column, overflow="fold" if column == "detail" else "ellipsis")
+    for column in ("#", "ran on", "wall", "cost", "end", "resumed", "tokens", "detail"):
+        attempts.add_column(column, no_wrap=column != "detail")
     by_n = {c.n: c for c in rec.attempts}
     for a in records:
         c = by_n[a.n]
         detail = a.detail or ""
-        attempts.add_row(str(a.n), _short_where(a), f"{a.price_per_hour:,.2f}", _duration(float(c.hours) * 3600),
-                         f"${c.cost:,.4f}", a.end_reason or "running",
-                         "-" if a.resumed_from_step is None else str(a.resumed_from_step),
+        ran_on = f"{a.provider} {a.gpu}" if a.provider == "local" else _where(a, with_price=False)
+        attempts.add_row(str(a.n), ran_on, _duration(float(c.hours) * 3600), f"${c.cost:,.4f}",
+                         a.end_reason or "running", "-" if a.resumed_from_step is None else str(a.resumed_from_step),
                          "-" if a.tokens is None else f"{a.tokens:,}",
                          detail if len(detail) <= 60 else detail[:59] + "…")
     console.print(attempts)

@@ -97,11 +97,17 @@ GENERATORS = [book_table, set_alarm, send_message, weather, play_music, order_fo
 
 
 def examples(count: int = COUNT, seed: int = SEED):
+    """`count` distinct records, intents in rotation (no duplicate can leak into the held-out split)."""
     rng = random.Random(seed)
-    for i in range(count):
-        text, obj = GENERATORS[i % len(GENERATORS)](rng)
-        yield {"instruction": rng.choice(INSTRUCTIONS), "input": text,
-               "output": json.dumps(obj, separators=(",", ":"))}
+    seen: set[str] = set()
+    while len(seen) < count:
+        text, obj = GENERATORS[len(seen) % len(GENERATORS)](rng)
+        record = {"instruction": rng.choice(INSTRUCTIONS), "input": text,
+                  "output": json.dumps(obj, separators=(",", ":"))}
+        key = json.dumps(record)
+        if key not in seen:
+            seen.add(key)
+            yield record
 
 
 if __name__ == "__main__":
