@@ -121,17 +121,20 @@ def test_sigkill_preemption_loses_work_since_the_last_checkpoint_and_resumes_fro
 
 
 def test_recipe_that_crashes_three_times_in_a_row_fails_the_job_with_its_reason(tmp_path):
-    # The recipe's model cache is a file, not a directory: a crash at run time (exit 1), every time.
-    not_a_directory = tmp_path / "cache-is-a-file"
-    not_a_directory.write_text("")
+    # Where the checkpoints go is a file, not a directory: the recipe trains until its first
+    # checkpoint save, then crashes (exit 1), on every attempt.
     backend = LocalBackend(restart_seconds=0)
-    req = request(tmp_path, write_spec(tmp_path), env={"SPOTUNE_CACHE": str(not_a_directory)})
+    req = request(tmp_path, write_spec(tmp_path, every_steps=2))
+    req.run_dir.mkdir(parents=True)
+    (req.run_dir / "checkpoints").write_text("")
     _, obs = run_to_end(backend, req)
 
     assert obs.state == "failed"
     assert [a.end_reason for a in obs.attempts] == ["failed", "failed", "failed"]
     assert "crashed 3 times in a row" in obs.detail and "FileExistsError" in obs.detail
     assert all("exit 1" in a.detail for a in obs.attempts)
+    steps = [e for e in events(req.run_dir) if e["event"] == "step"]
+    assert {e["attempt"] for e in steps} == {1, 2, 3}  # each attempt really trained before it crashed
 
 
 def test_bad_input_fails_at_once_without_retrying(tmp_path):

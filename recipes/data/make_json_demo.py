@@ -22,7 +22,8 @@ RESTAURANTS = ["Luigi's", "Sakura", "The Oak", "Casa Mia", "Blue Door", "Spice H
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 CITIES = ["Paris", "Tokyo", "Lagos", "Lima", "Oslo", "Delhi", "Austin", "Rome"]
 SONGS = [("Yellow", "Coldplay"), ("Hello", "Adele"), ("Jolene", "Dolly Parton"), ("Dreams", "Fleetwood Mac"),
-         ("Halo", "Beyonce"), ("Creep", "Radiohead")]
+         ("Halo", "Beyonce"), ("Creep", "Radiohead"), ("Roar", "Katy Perry"), ("Imagine", "John Lennon"),
+         ("Valerie", "Amy Winehouse"), ("Hurt", "Johnny Cash"), ("Faded", "Alan Walker"), ("Zombie", "The Cranberries")]
 FOODS = ["pizza", "sushi", "tacos", "curry", "ramen", "salad"]
 CURRENCIES = ["USD", "EUR", "JPY", "GBP", "INR"]
 MESSAGES = ["running late", "see you soon", "call me back", "dinner is ready", "happy birthday", "on my way"]
@@ -69,7 +70,7 @@ def weather(rng):
 
 def play_music(rng):
     song, artist = rng.choice(SONGS)
-    text = rng.choice([f"Play {song} by {artist}", f"Put on {artist}, the song {song}"])
+    text = rng.choice([f"Play {song} by {artist}", f"Put on {artist}, the song {song}", f"I want to hear {song} by {artist}"])
     return text, {"intent": "play_music", "song": song, "artist": artist}
 
 
@@ -100,7 +101,11 @@ def examples(count: int = COUNT, seed: int = SEED):
     """`count` distinct records, intents in rotation (no duplicate can leak into the held-out split)."""
     rng = random.Random(seed)
     seen: set[str] = set()
+    draws = 0
     while len(seen) < count:
+        draws += 1
+        if draws > 100 * count:  # a generator with too few combinations fails loudly, not forever
+            raise RuntimeError(f"only {len(seen)} distinct records after {draws - 1} draws")
         text, obj = GENERATORS[len(seen) % len(GENERATORS)](rng)
         record = {"instruction": rng.choice(INSTRUCTIONS), "input": text,
                   "output": json.dumps(obj, separators=(",", ":"))}
