@@ -103,6 +103,7 @@ def setup_commands() -> str:
 
 def run_commands() -> str:
     run_dir = f"{CHECKPOINT_MOUNT}/$SKYPILOT_TASK_ID"
+    recipe = f'-m recipes.sft "{NODE_SPEC_FILE}" --run-dir "$RUN_DIR" --checkpoint-dir "$RUN_DIR/checkpoints"'
     return "\n".join([
         "set -e",
         f'RUN_DIR="{run_dir}"',
@@ -110,7 +111,17 @@ def run_commands() -> str:
         f'printf "%s\\n" "$SPOTUNE_SPEC_YAML" > "{NODE_SPEC_FILE}"',
         # Progress reaches the backend through the job log: every event line, prefixed.
         mirror_command("$RUN_DIR"),
-        f'python -m recipes.sft "{NODE_SPEC_FILE}" --run-dir "$RUN_DIR" --checkpoint-dir "$RUN_DIR/checkpoints"',
+        "set +e",
+        # One process per GPU: torchrun where the node has several (DDP for LoRA/QLoRA, FSDP for full).
+        'if [ "${SKYPILOT_NUM_GPUS_PER_NODE:-1}" -gt 1 ]; then',
+        f'  python -m torch.distributed.run --standalone --nproc-per-node "$SKYPILOT_NUM_GPUS_PER_NODE" {recipe}',
+        "else",
+        f"  python {recipe}",
+        "fi",
+        "rc=$?",
+        # torchrun turns the recipe's 75 (preempted after a checkpoint) into 1; the event log knows better.
+        f'if [ $rc -ne 0 ] && python -m recipes.events ended-preempted "$RUN_DIR/events.jsonl"; then rc={PREEMPTED_EXIT_CODE}; fi',
+        "exit $rc",
     ]) + "\n"
 
 

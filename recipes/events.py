@@ -73,3 +73,27 @@ def read_events(path: Path | str) -> list[dict]:
         except ValueError:
             continue
     return events
+
+
+def next_attempt(path: Path | str) -> int:
+    """One more than the highest attempt that has started in `path`. A backend that re-runs the
+    same command after a recovery (SkyPilot managed jobs) gets distinct attempt numbers this way."""
+    started = [e.get("attempt") or 0 for e in read_events(path) if e.get("event") == "start"]
+    return max(started, default=0) + 1
+
+
+def ended_preempted(path: Path | str) -> bool:
+    """Whether the newest event is `preempted`. torchrun reports a worker's exit 75 as a plain
+    failure, so a launcher asks the event log what really happened."""
+    events = read_events(path)
+    return bool(events) and events[-1].get("event") == "preempted"
+
+
+if __name__ == "__main__":
+    # `python -m recipes.events ended-preempted EVENTS.jsonl`: exit 0 if so, 1 if not (for shell launchers).
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "ended-preempted":
+        print("usage: python -m recipes.events ended-preempted EVENTS.jsonl", file=sys.stderr)
+        raise SystemExit(2)
+    raise SystemExit(0 if ended_preempted(sys.argv[2]) else 1)

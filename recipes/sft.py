@@ -19,7 +19,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from recipes.events import EXIT_BAD_INPUT, EXIT_CRASH, EventLog
+from recipes.events import EXIT_BAD_INPUT, EXIT_CRASH, EventLog, next_attempt
 
 
 class _OneLineArgumentParser(argparse.ArgumentParser):
@@ -33,8 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("spec", type=Path, help="job spec YAML (the same file `spotune plan` reads)")
     p.add_argument("--run-dir", type=Path, required=True, help="events.jsonl and output/ go here")
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="default RUN_DIR/checkpoints (e.g. a bucket mount)")
-    p.add_argument("--attempt", type=int, default=os.environ.get("SPOTUNE_ATTEMPT", "1"),
-                   help="attempt number recorded in every event (default $SPOTUNE_ATTEMPT or 1)")
+    p.add_argument("--attempt", type=int, default=os.environ.get("SPOTUNE_ATTEMPT"),
+                   help="attempt number recorded in every event (default $SPOTUNE_ATTEMPT, else one more "
+                        "than the attempts already in events.jsonl)")
     p.add_argument("--merge", action="store_true", help="LoRA/QLoRA: also write merged full weights to output/merged")
     return p.parse_args(argv)
 
@@ -70,6 +71,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     preemption = Preemption()  # before the slow setup, so an early SIGTERM is not lost
     rank = int(os.environ.get("RANK", "0"))
+    if args.attempt is None:
+        args.attempt = next_attempt(args.run_dir / "events.jsonl")
     events = EventLog(args.run_dir / "events.jsonl", attempt=args.attempt, enabled=rank == 0)
     try:
         _quiet_libraries()

@@ -131,3 +131,16 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert all(a >= b for a, b in zip(cosine[2:], cosine[3:]))
     assert [lr_factor(s, 10, 0, "linear") for s in (0, 5, 9)] == pytest.approx([1.0, 0.5, 0.1])
     assert lr_factor(5, 10, 0, "constant") == 1.0
+
+
+def test_attempts_number_themselves_from_the_event_log_when_not_told(tmp_path):
+    from recipes.events import EventLog, next_attempt
+
+    log_path = tmp_path / "events.jsonl"
+    assert next_attempt(log_path) == 1
+    for attempt in (1, 2):
+        log = EventLog(log_path, attempt=attempt)
+        log.emit("start", resumed_from_step=None)
+        log.emit("step", step=attempt)
+        log.close()
+    assert next_attempt(log_path) == 3

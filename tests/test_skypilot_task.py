@@ -237,3 +237,32 @@ def test_with_the_real_planner_the_dry_run_launches_its_top_option_first(tmp_pat
     free = _optimize(task, monkeypatch)
     runtime = 3600 * hours[(str(free.cloud).lower(), free.region, free.instance_type, free.use_spot)]
     assert abs(Decimal(str(free.get_cost(runtime))) - top.expected_cost) < Decimal("0.01")
+
+
+def test_run_script_is_valid_bash_and_maps_a_torchrun_preemption_back_to_75(tmp_path):
+    import subprocess
+
+    from launch.sky_task import run_commands
+
+    script = run_commands()
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    assert "torch.distributed.run" in script and "ended-preempted" in script
+
+
+def test_the_event_log_tells_a_preemption_from_a_crash(tmp_path):
+    import subprocess
+    import sys
+
+    from recipes.events import EventLog
+
+    log_path = tmp_path / "events.jsonl"
+    log = EventLog(log_path, attempt=1)
+    log.emit("start", resumed_from_step=None)
+    log.emit("preempted", step=3, signal="SIGTERM")
+    log.close()
+    ask = [sys.executable, "-m", "recipes.events", "ended-preempted", str(log_path)]
+    assert subprocess.run(ask).returncode == 0
+    log = EventLog(log_path, attempt=2)
+    log.emit("error", message="boom", kind="crash")
+    log.close()
+    assert subprocess.run(ask).returncode == 1
