@@ -198,15 +198,15 @@ def test_planning_uses_an_explicit_calibration_without_reloading():
     assert plan.assumptions["calibration"]["mfu"]["lora"]
 
 
-def test_the_tiny_cpu_demo_is_estimated_in_minutes_from_its_dataset():
+def test_the_tiny_cpu_demo_is_estimated_in_about_a_minute_from_its_dataset():
     from orchestrator.spec import load_spec
 
     demo = load_spec(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "tiny-demo.yaml")
     plan = plan_local(demo, "CPU", 1, Decimal(0))
     # 400 examples x 10 epochs counted byte by byte (tiny-llama's tokenizer is byte-level): the recipe
-    # itself reports ~530k tokens for this spec; the measured CPU speed is ~1,000-1,500 tokens/s.
+    # itself reports ~537k tokens for this spec; measured on 2 idle cores: ~14,000 tokens/s, ~50 s.
     assert 450_000 < plan.total_tokens < 560_000
-    assert 1 < plan.best.hours * 60 < 30
+    assert 0.25 < plan.best.hours * 60 < 5
 
 
 def test_train_max_steps_caps_the_tokens_trained():
