@@ -17,3 +17,16 @@ def register_all(app) -> None:
                 continue  # area not built yet
             raise
         module.register(app)
+
+
+def make_console(stderr: bool = False):
+    """A rich console for command output. Piped output (CI logs, `| less`) gets 160 columns instead of
+    rich's default 80, so ranked tables keep every column readable."""
+    import os
+
+    from rich.console import Console
+
+    console = Console(highlight=False, stderr=stderr)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(highlight=False, stderr=stderr, width=160)
+    return console

@@ -96,7 +96,7 @@ def _to_json(o, spot: bool) -> dict:
 
 
 def _print_table(offers, spot: bool, snapshot: str) -> None:
-    from rich.console import Console
+    from orchestrator.commands import make_console
     from rich.table import Table
 
     table = Table(title=f"GPU offers ({len(offers)}), {'spot' if spot else 'on-demand'} $/GPU-h, bundled snapshot {snapshot}")
@@ -109,7 +109,7 @@ def _print_table(offers, spot: bool, snapshot: str) -> None:
         table.add_row(o.provider, o.region, o.instance_type, f"{o.gpu} x{o.gpu_count}", f"{o.vram_gb_per_gpu:g}",
                       _money(o.price_on_demand), _money(o.price_spot), _money(_per_gpu_hour(o, spot)),
                       f"{source} {o.read_on or ''}".strip())
-    Console(width=200).print(table)
+    make_console().print(table)
 
 
 def register(app: typer.Typer) -> None:

@@ -286,7 +286,7 @@ def ledger(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of estimate vs actual per job, with the variance split."),
 ) -> None:
     """What each job cost against its estimate, and why: price, throughput, preemption."""
-    from rich.console import Console
+    from orchestrator.commands import make_console
 
     if as_json and as_csv:
         raise UserError("--json and --csv are alternatives; give one")
@@ -313,7 +313,7 @@ def ledger(
             writer.writerow(e.csv_row())
         typer.echo(buffer.getvalue(), nl=False)
         return
-    console = Console(highlight=False)
+    console = make_console()
     if job is not None:
         render_job(console, entries[0])
     elif not entries:

@@ -156,9 +156,9 @@ def plan_command(
     if as_json:
         typer.echo(json.dumps(plan.to_json()))
         return
-    from rich.console import Console
+    from orchestrator.commands import make_console
 
-    console = Console()
+    console = make_console()
     _print_options(console, plan, top)
     _print_managed(console, plan)
     _print_rejected(console, plan)
