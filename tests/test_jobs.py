@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from launch.local import LocalBackend
-from launch.supervisor import read_jsonl
+from launch.supervisor import InjectionPlan, read_jsonl
 from orchestrator import jobs
 from orchestrator.errors import UserError
 from orchestrator.ledger import Ledger
@@ -46,17 +46,27 @@ def launch_local(tmp_path: Path, spec_path: Path, backend: LocalBackend) -> tupl
     return ledger, submitted
 
 
+def early_preemption_seed(total_steps: int) -> int:
+    """A seed whose simulated preemption comes at step 1 or 2: before a fast machine could finish."""
+    for seed in range(1000):
+        plan = InjectionPlan(1, seed)
+        plan.arm(0, total_steps)
+        if plan.trigger_step <= 2:
+            return seed
+    raise AssertionError("no such seed")
+
+
 @pytest.mark.slow
 def test_each_attempt_is_recorded_once_and_billed_by_wall_time(tmp_path):
-    ledger, submitted = launch_local(tmp_path, write_spec(tmp_path, max_steps=4),
-                                     LocalBackend(restart_seconds=0, simulate_preemptions=1, seed=0))
+    ledger, submitted = launch_local(tmp_path, write_spec(tmp_path, max_steps=12),
+                                     LocalBackend(restart_seconds=0, simulate_preemptions=1, seed=early_preemption_seed(12)))
     final = jobs.Watcher(ledger, submitted.job_id, LocalBackend(), submitted.external_id, poll_seconds=0.3).watch(timeout=600)
 
     assert final.job.status == "succeeded"
     attempts = ledger.attempts(submitted.job_id)
     assert [(a.n, a.end_reason) for a in attempts] == [(1, "preempted"), (2, "finished")]
     assert attempts[1].resumed_from_step is not None and attempts[1].resumed_from_step >= 1
-    assert sum(a.tokens for a in attempts) >= 4 * 256
+    assert sum(a.tokens for a in attempts) >= 12 * 256
 
     # Observing again, from another ledger connection and a watcher rebuilt from the ledger, changes nothing.
     again = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
@@ -75,10 +85,10 @@ def test_each_attempt_is_recorded_once_and_billed_by_wall_time(tmp_path):
 
 @pytest.mark.slow
 def test_budget_guard_stops_with_a_checkpoint_before_the_budget_is_spent(tmp_path):
-    # $360/h is 10 cents a second: 500 steps at CPU speed would cost far more than the $20 budget,
-    # which the first few steps (and the model load before them) stay well under.
+    # $360/h is 10 cents a second: 100,000 steps would cost far more than the $20 budget on any
+    # CPU, while the model load and first steps stay well under it.
     budget = Decimal(20)
-    ledger, submitted = launch_local(tmp_path, write_spec(tmp_path, max_steps=500, price=360, budget=float(budget)),
+    ledger, submitted = launch_local(tmp_path, write_spec(tmp_path, max_steps=100_000, price=360, budget=float(budget)),
                                      LocalBackend(restart_seconds=0))
     final = jobs.Watcher(ledger, submitted.job_id, LocalBackend(), submitted.external_id, poll_seconds=0.3).watch(timeout=600)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch.supervisor import read_jsonl
+from launch.supervisor import InjectionPlan, read_jsonl
 from orchestrator.ledger import Ledger
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "recipes" / "data" / "json_demo.jsonl"
@@ -63,6 +63,16 @@ def only_run_dir(state: Path) -> Path:
 
 def has_step(run_dir: Path) -> bool:
     return any(e["event"] == "step" for e in read_jsonl(run_dir / "events.jsonl"))
+
+
+def early_preemption_seed(total_steps: int) -> int:
+    """A seed whose simulated preemption comes at step 1 or 2: before a fast machine could finish."""
+    for seed in range(1000):
+        plan = InjectionPlan(1, seed)
+        plan.arm(0, total_steps)
+        if plan.trigger_step <= 2:
+            return seed
+    raise AssertionError("no such seed")
 
 
 def ledger_of(state: Path) -> Ledger:
@@ -119,8 +129,9 @@ def test_two_launches_at_once_on_one_sqlite_ledger_are_both_recorded(tmp_path):
 @pytest.mark.slow
 def test_resume_after_the_watching_cli_was_killed_records_every_attempt_once(tmp_path):
     state = tmp_path / "state"
-    cli = subprocess.Popen(spotune_cmd(state, "launch", str(write_spec(tmp_path, max_steps=6)), "--simulate-preemptions", "1",
-                                       "--restart-seconds", "0", "--poll-seconds", "0.3"),
+    seed = early_preemption_seed(12)
+    cli = subprocess.Popen(spotune_cmd(state, "launch", str(write_spec(tmp_path, max_steps=12)), "--simulate-preemptions", "1",
+                                       "--seed", str(seed), "--restart-seconds", "0", "--poll-seconds", "0.3"),
                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run_dir = wait_until(lambda: only_run_dir(state))
     wait_until(lambda: has_step(run_dir))

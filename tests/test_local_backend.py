@@ -66,8 +66,8 @@ def events(run_dir: Path) -> list[dict]:
 
 
 def test_sigterm_preemption_checkpoints_and_next_attempt_resumes_from_it(tmp_path):
-    backend = LocalBackend(restart_seconds=0, simulate_preemptions=1, seed=0)
-    req = request(tmp_path, write_spec(tmp_path))
+    backend = LocalBackend(restart_seconds=0, simulate_preemptions=1, seed=seed_preempting_at(range(1, 3), 12))
+    req = request(tmp_path, write_spec(tmp_path, max_steps=12))
     external_id, obs = run_to_end(backend, req)
 
     assert obs.state == "succeeded", obs.detail
@@ -83,29 +83,29 @@ def test_sigterm_preemption_checkpoints_and_next_attempt_resumes_from_it(tmp_pat
     second_start = next(e for e in evs if e["event"] == "start" and e["attempt"] == 2)
     assert second_start["resumed_from_step"] == preempted[0]["step"] >= 1
     finished = [e for e in evs if e["event"] == "finished"]
-    assert len(finished) == 1 and finished[0]["attempt"] == 2 and finished[0]["step"] == 6
+    assert len(finished) == 1 and finished[0]["attempt"] == 2 and finished[0]["step"] == 12
 
     records = read_jsonl(req.run_dir / "attempts.jsonl")
     assert [(r["attempt"], r["exit_code"]) for r in records if r["record"] == "end"] == [(1, 75), (2, 0)]
-    assert not supervisor_alive(req.run_dir)
+    wait_until(lambda: not supervisor_alive(req.run_dir), timeout=30)  # it exits right after its last record
     lines = list(backend.logs(external_id))
     assert "── attempt 1 ──" in lines and "── attempt 2 ──" in lines
 
 
-def _seed_preempting_at_or_after(step: int, total_steps: int) -> int:
-    """A seed whose one simulated preemption lands on `step` or later (so checkpoints exist)."""
+def seed_preempting_at(steps: range, total_steps: int) -> int:
+    """A seed whose one simulated preemption lands on one of `steps`: early enough that a fast
+    machine cannot finish the run before the signal arrives, late enough for checkpoints to exist."""
     for seed in range(1000):
         plan = InjectionPlan(1, seed)
         plan.arm(0, total_steps)
-        if plan.trigger_step >= step:
+        if plan.trigger_step in steps:
             return seed
     raise AssertionError("no such seed")
 
 
 def test_sigkill_preemption_loses_work_since_the_last_checkpoint_and_resumes_from_it(tmp_path):
-    backend = LocalBackend(restart_seconds=0, simulate_preemptions=1, hard=True,
-                           seed=_seed_preempting_at_or_after(3, total_steps=6))
-    req = request(tmp_path, write_spec(tmp_path, max_steps=6, every_steps=1))
+    backend = LocalBackend(restart_seconds=0, simulate_preemptions=1, hard=True, seed=seed_preempting_at(range(3, 4), 12))
+    req = request(tmp_path, write_spec(tmp_path, max_steps=12, every_steps=1))
     _, obs = run_to_end(backend, req)
 
     assert obs.state == "succeeded", obs.detail
