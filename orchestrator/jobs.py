@@ -128,8 +128,11 @@ def make_job_plan(spec: "JobSpec", backend_name: str, price_per_hour: Optional[f
     if backend_name == "local":
         gpu, count, gib = local_device(spec)
         return planner.plan_local(spec, gpu, count, local_price(spec, price_per_hour), vram_gb=gib)
+    if backend_name == "ray":
+        # A Ray cluster is hardware you already have: priced at its hourly rate, not the cloud catalog.
+        return planner.plan_local(spec, spec.local.gpu or "CPU", 1, local_price(spec, price_per_hour))
     if price_per_hour is not None:
-        raise JobError("--price-per-hour only applies to --backend local (cloud prices come from the catalog)")
+        raise JobError("--price-per-hour applies to --backend local or ray (cloud prices come from the catalog)")
     from orchestrator.catalog import load_managed_prices, load_offers
 
     return planner.make_plan(spec, load_offers(), load_managed_prices())

@@ -15,7 +15,7 @@ from decimal import Decimal
 from typing import Iterable, Optional, Sequence
 
 from orchestrator.errors import UserError
-from orchestrator.estimate import GIB, Calibration, DeviceSpec, load_calibration
+from orchestrator.estimate import Calibration, DeviceSpec, load_calibration
 from orchestrator.estimate.memory import BatchChoice, MemoryEstimate, choose_batch, estimate_memory
 from orchestrator.estimate.preemption import (checkpoint_bytes, checkpoint_interval_hours, checkpoint_writes,
                                               preemption_overhead_hours)

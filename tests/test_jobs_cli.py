@@ -117,7 +117,7 @@ def test_two_launches_at_once_on_one_sqlite_ledger_are_both_recorded(tmp_path):
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, out + err
-        assert "estimate vs actual" in out
+        assert "Estimate vs actual" in out
 
     jobs = ledger_of(state).list_jobs()
     assert sorted(j.name for j in jobs) == ["tiny-a", "tiny-b"]
@@ -141,7 +141,7 @@ def test_resume_after_the_watching_cli_was_killed_records_every_attempt_once(tmp
 
     result = spotune(state, "resume", job_id, "--poll-seconds", "0.3")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"re-attached to {job_id}" in result.stdout and "estimate vs actual" in result.stdout
+    assert f"re-attached to {job_id}" in result.stdout and "Estimate vs actual" in result.stdout
 
     ledger = ledger_of(state)
     assert ledger.get_job(job_id).status == "succeeded"

@@ -4,7 +4,6 @@ The key property: a run stopped by SIGTERM (or SIGKILL, or with its newest check
 corrupted) and resumed logs the same loss at every later step as an uninterrupted run and ends
 with the same weights.
 """
-import json
 import os
 import signal
 import subprocess

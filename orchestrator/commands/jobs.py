@@ -97,46 +97,14 @@ class ProgressPrinter:
 
 
 def render_job(console, ledger: "Ledger", job_id: str) -> None:
-    """The job's ledger entry: estimate against actual, the variance split, and every attempt."""
-    from rich.table import Table
+    """The job's ledger entry, exactly as `spotune ledger JOB` shows it."""
+    from datetime import datetime, timezone
 
-    from orchestrator.reconcile import reconcile_job
+    from orchestrator.commands.ledger import build_entries
+    from orchestrator.commands.ledger import render_job as render_entry
 
-    job = ledger.get_job(job_id)
-    rec = reconcile_job(ledger, job.id)
-    est = job.estimate
-    console.print(f"\n[bold]{job.id}[/] · {job.status} · {job.backend} · {job.model} {job.method}"
-                  + (f" · budget ${job.budget:,.2f}" if job.budget is not None else ""))
-    if job.failure_reason:
-        console.print(f"  reason: {job.failure_reason}")
-    table = Table(title="estimate vs actual", title_justify="left")
-    for column in ("", "estimate", "actual"):
-        table.add_column(column, justify="right" if column else "left")
-    actual_price = ", ".join(sorted({f"${a.price_per_hour:,.2f}" for a in rec.attempts})) or "-"
-    records = ledger.attempts(job.id)
-    table.add_row("where", _where(est, with_price=False), ", ".join(sorted({_where(a, with_price=False) for a in records})) or "-")
-    table.add_row("$/h", f"${est.price_per_hour:,.2f}", actual_price)
-    table.add_row("tokens", f"{est.total_tokens:,}", f"{rec.tokens:,}" if rec.tokens is not None else "-")
-    table.add_row("tokens/s", f"{est.tokens_per_second:,.0f}",
-                  f"{rec.tokens_per_second:,.0f}" if rec.tokens_per_second is not None else "-")
-    table.add_row("hours", f"{rec.estimate_hours:.4f}", f"{float(rec.actual_hours):.4f}")
-    table.add_row("attempts / preemptions", "1", f"{len(rec.attempts)} / {rec.preemptions}")
-    table.add_row("cost", f"${rec.estimate_cost:,.2f}", f"${rec.actual_cost:,.2f}" + (" so far" if rec.open else ""))
-    console.print(table)
-    attempts = Table(title="attempts", title_justify="left")
-    for column in ("#", "ran on", "wall", "cost", "end", "resumed", "tokens", "detail"):
-        attempts.add_column(column, no_wrap=column != "detail")
-    by_n = {c.n: c for c in rec.attempts}
-    for a in records:
-        c = by_n[a.n]
-        detail = a.detail or ""
-        ran_on = f"{a.provider} {a.gpu}" if a.provider == "local" else _where(a, with_price=False)
-        attempts.add_row(str(a.n), ran_on, _duration(float(c.hours) * 3600), f"${c.cost:,.4f}",
-                         a.end_reason or "running", "-" if a.resumed_from_step is None else str(a.resumed_from_step),
-                         "-" if a.tokens is None else f"{a.tokens:,}",
-                         detail if len(detail) <= 60 else detail[:59] + "…")
-    console.print(attempts)
-    console.print(f"variance: {rec.story()}")
+    console.print()
+    render_entry(console, build_entries(ledger, [ledger.get_job(job_id)], datetime.now(timezone.utc))[0])
 
 
 def _watch(console, ledger: "Ledger", watcher, job_id: str) -> int:
@@ -154,14 +122,15 @@ def _dry_run(console, spec_path: Path, spec, backend, plan, chosen) -> None:
 
     console.print(f"[bold]dry run[/]: would record job '{spec.name}' with the estimate above and submit it to {backend.name}; nothing written.")
     if backend.name == "local":
-        console.print(f"  supervisor: python -m launch.supervisor <state>/runs/<job-id>   (detached; restarts after preemption)")
-        console.print(f"  recipe:     python -m recipes.sft <run-dir>/spec.yaml --run-dir <run-dir> --attempt N")
+        console.print("  supervisor: python -m launch.supervisor <state>/runs/<job-id>   (detached; restarts after preemption)")
+        console.print("  recipe:     python -m recipes.sft <run-dir>/spec.yaml --run-dir <run-dir> --attempt N")
         console.print(f"  placement:  {_where(placements_for(plan, chosen)[0])}")
         return
     if backend.name == "skypilot":
         from launch.sky_task import render_task_yaml
 
-        console.print(render_task_yaml(spec, plan, f"{spec.name}-dry-run"), markup=False, soft_wrap=True)
+        yaml_text = render_task_yaml(spec, plan, f"{spec.name}-dry-run", placements=placements_for(plan, chosen))
+        console.print(yaml_text, markup=False, soft_wrap=True)
         return
     console.print(f"  placement:  {_where(placements_for(plan, chosen)[0])}")
 

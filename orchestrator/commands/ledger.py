@@ -180,6 +180,28 @@ def render_all(console, entries: list[Entry], report: dict) -> None:
     console.print("Estimates count where a job was planned to run; actual spend where each attempt ran.")
 
 
+def _place(x) -> str:
+    return f"{x.provider}/{x.region} {x.gpu_count}x{x.gpu}{' spot' if x.spot else ''}"
+
+
+def _estimate_vs_actual(e: Entry):
+    """The job's headline figures side by side: what was planned, what happened."""
+    est, rec = e.job.estimate, e.rec
+    table = _table("Estimate vs actual")
+    for column in ("", "estimate", "actual"):
+        table.add_column(column, justify="right" if column else "left")
+    table.add_row("where", _place(est), ", ".join(sorted({_place(a) for a in e.attempts})) or "-")
+    table.add_row("$/h", f"${est.price_per_hour:,.4f}",
+                  ", ".join(sorted({f"${a.price_per_hour:,.4f}" for a in e.attempts})) or "-")
+    table.add_row("tokens", f"{est.total_tokens:,}", f"{rec.tokens:,}" if rec.tokens is not None else "-")
+    table.add_row("tokens/s", f"{est.tokens_per_second:,.0f}",
+                  f"{rec.tokens_per_second:,.0f}" if rec.tokens_per_second is not None else "-")
+    table.add_row("hours", f"{rec.estimate_hours:.4f}", f"{float(rec.actual_hours):.4f}")
+    table.add_row("attempts / preemptions", "1", f"{len(rec.attempts)} / {rec.preemptions}")
+    table.add_row("cost", _money(rec.estimate_cost), _money(rec.actual_cost) + (" so far" if rec.open else ""))
+    return table
+
+
 def render_job(console, e: Entry) -> None:
     from rich.markup import escape
 
@@ -193,6 +215,7 @@ def render_job(console, e: Entry) -> None:
                   f"+ {est.preemption_overhead_hours:.3f} h preemption = {_money(rec.estimate_cost)} "
                   f"(option {est.chosen_rank} of {len(est.plan.get('options', []))}, prices {escape(est.catalog_snapshot)})")
     console.print()
+    console.print(_estimate_vs_actual(e))
     console.print("[bold]Attempts[/] (UTC)" if e.attempts else "no attempts recorded yet")
     for a, c in zip(e.attempts, rec.attempts):
         end = "now" if a.ended_at is None else f"{a.ended_at:%H:%M:%S}"
