@@ -10,13 +10,7 @@ AREAS = ("plan", "catalog", "jobs", "ledger")
 
 def register_all(app) -> None:
     for area in AREAS:
-        try:
-            module = importlib.import_module(f"orchestrator.commands.{area}")
-        except ModuleNotFoundError as e:
-            if e.name == f"orchestrator.commands.{area}":
-                continue  # area not built yet
-            raise
-        module.register(app)
+        importlib.import_module(f"orchestrator.commands.{area}").register(app)
 
 
 def make_console(stderr: bool = False):
