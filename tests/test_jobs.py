@@ -144,3 +144,51 @@ def test_a_job_recorded_but_never_submitted_cannot_be_attached(tmp_path):
         jobs.attach(ledger, job_id)
     with pytest.raises(UserError, match="no option 7 in the plan"):
         jobs.choose_option(plan, 7)
+
+
+def two_preemption_seed(total_steps: int) -> int:
+    """A seed whose two simulated preemptions both land well before the last step."""
+    for seed in range(1000):
+        plan = InjectionPlan(2, seed)
+        plan.arm(0, total_steps)
+        first = plan.trigger_step
+        plan.left -= 1
+        plan.arm(first, total_steps)
+        if first <= 4 and plan.trigger_step <= total_steps - 4:
+            return seed
+    raise AssertionError("no such seed")
+
+
+@pytest.mark.slow
+def test_two_preemptions_then_finish_match_an_uninterrupted_run_and_the_money_adds_up(tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    spec_path = write_spec(tmp_path, max_steps=16)
+    ledger, submitted = launch_local(tmp_path, spec_path, LocalBackend(restart_seconds=0, simulate_preemptions=2,
+                                                                       seed=two_preemption_seed(16)))
+    final = jobs.Watcher(ledger, submitted.job_id, LocalBackend(), submitted.external_id, poll_seconds=0.3).watch(timeout=900)
+
+    assert final.job.status == "succeeded"
+    attempts = ledger.attempts(submitted.job_id)
+    assert [a.end_reason for a in attempts] == ["preempted", "preempted", "finished"]
+    assert attempts[1].resumed_from_step and attempts[2].resumed_from_step > attempts[1].resumed_from_step
+
+    # The same spec trained in one go ends with the same adapter weights.
+    straight = tmp_path / "uninterrupted"
+    subprocess.run([sys.executable, "-m", "recipes.sft", str(spec_path), "--run-dir", str(straight)],
+                   check=True, capture_output=True, timeout=900)
+    preempted_weights = load_file(submitted.run_dir / "output" / "adapter_model.safetensors")
+    straight_weights = load_file(straight / "output" / "adapter_model.safetensors")
+    assert preempted_weights.keys() == straight_weights.keys()
+    for name, tensor in straight_weights.items():
+        assert (preempted_weights[name] - tensor).abs().max().item() <= 1e-5 * max(1.0, tensor.abs().max().item()), name
+
+    # Actual = Σ over attempts of wall hours x price; the variance parts add up to the total.
+    rec = reconcile_job(ledger, submitted.job_id)
+    wall_seconds = sum(Decimal(str((a.ended_at - a.started_at).total_seconds())) for a in attempts)
+    assert rec.actual_cost == money(wall_seconds / 3600 * Decimal("2.73"))
+    assert rec.price + rec.throughput + rec.preemption == rec.variance
+    assert rec.preemptions == 2
