@@ -213,3 +213,17 @@ def test_train_max_steps_caps_the_tokens_trained():
     plan = make_plan(spec(train={"max_steps": 10}, batch={"global": 4}), [offer()], ())
     assert plan.total_tokens == 10 * 4 * 2048
     assert plan.assumptions["dataset"]["capped_by_max_steps"]
+
+
+def test_a_spec_with_counts_plans_before_its_data_file_exists(tmp_path):
+    from orchestrator.estimate.tokens import DatasetError, dataset_tokens
+    from orchestrator.spec import parse_spec
+
+    both = parse_spec({"name": "x", "model": "llama-3.1-8b", "method": "qlora",
+                       "data": {"path": "data/train.jsonl", "examples": 10000, "tokens_per_example": 512}}, tmp_path)
+    counted = dataset_tokens(both)
+    assert counted.tokens == 5_120_000 and "does not exist yet" in counted.how
+    only_path = parse_spec({"name": "x", "model": "llama-3.1-8b", "method": "qlora",
+                            "data": {"path": "data/train.jsonl"}}, tmp_path)
+    with pytest.raises(DatasetError, match="dataset file not found"):
+        dataset_tokens(only_path)

@@ -98,11 +98,14 @@ def count_dataset_tokens(path: Path, tokenizer_file: Optional[Path] = None, on_b
 
 
 def dataset_tokens(spec, tokenizer_file: Optional[Path] = None, byte_tokenizer: bool = False) -> DatasetTokens:
-    """The spec's dataset size: its own counts, or the JSONL file counted."""
+    """The spec's dataset size: the JSONL file counted, or the spec's own counts when there is no
+    file yet (a spec may carry both, to plan before the data is at hand)."""
     path = spec.data_path()
-    if path is None:
+    has_counts = spec.data.examples is not None and spec.data.tokens_per_example is not None
+    if path is None or (has_counts and not path.exists()):
+        why = "" if path is None else f" ({path} does not exist yet)"
         return DatasetTokens(spec.data.examples, spec.data.examples * spec.data.tokens_per_example,
-                             "data.examples x data.tokens_per_example")
+                             f"data.examples x data.tokens_per_example{why}")
     return count_dataset_tokens(path, tokenizer_file, spec.data.on_bad_line, byte_tokenizer)
 
 
