@@ -28,6 +28,13 @@ def mirror_command(run_dir: str) -> str:
         f' | sed -u "s/^/{EVENT_LOG_PREFIX}/") &'])
 
 
+def flush_command(run_dir: str) -> str:
+    """A shell line that prints the whole event log once more, after the recipe has exited: the
+    background tail can exit with the shell before it read the last lines (a short job), and
+    merge_events drops the lines it has already seen."""
+    return f'sed "s/^/{EVENT_LOG_PREFIX}/" "{run_dir}/events.jsonl" 2>/dev/null || true'
+
+
 def merge_events(log_lines: Iterable[str], events_path: Path) -> Path:
     """Add the prefixed event lines of a job log to events_path (atomic rewrite, no duplicates)."""
     known = events_path.read_text().splitlines() if events_path.exists() else []

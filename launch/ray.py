@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 import yaml
 
 from launch.base import BackendError, LaunchRequest, Observation, ObservedAttempt, Placement
-from launch.event_log import merge_events, mirror_command
+from launch.event_log import flush_command, merge_events, mirror_command
 
 STATE_FILE = "ray.json"
 RECIPE = "python -m recipes.sft"
@@ -164,7 +164,9 @@ class RayBackend:
             recipe = f"torchrun --standalone --nproc_per_node={gpu_count} -m recipes.sft"
         script = "\n".join([
             "set -e", f'RUN_DIR="{run_dir}"', 'mkdir -p "$RUN_DIR"', mirror_command("$RUN_DIR"),
-            f'{recipe} spec.yaml --run-dir "$RUN_DIR" --checkpoint-dir "$RUN_DIR/checkpoints"'])
+            "set +e",
+            f'{recipe} spec.yaml --run-dir "$RUN_DIR" --checkpoint-dir "$RUN_DIR/checkpoints"',
+            "rc=$?", flush_command("$RUN_DIR"), "exit $rc"])
         return "bash -c " + _shell_quote(script)
 
     def _stage(self, spec, run_dir: Path) -> Path:

@@ -29,7 +29,7 @@ from typing import Mapping, Optional, Sequence
 import yaml
 
 from launch.base import Placement
-from launch.event_log import mirror_command
+from launch.event_log import flush_command, mirror_command
 from orchestrator.errors import UserError
 
 CHECKPOINT_MOUNT = "/ckpt"
@@ -121,6 +121,7 @@ def run_commands() -> str:
         "rc=$?",
         # torchrun turns the recipe's 75 (preempted after a checkpoint) into 1; the event log knows better.
         f'if [ $rc -ne 0 ] && python -m recipes.events ended-preempted "$RUN_DIR/events.jsonl"; then rc={PREEMPTED_EXIT_CODE}; fi',
+        flush_command("$RUN_DIR"),
         "exit $rc",
     ]) + "\n"
 

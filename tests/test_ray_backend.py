@@ -124,7 +124,8 @@ def test_a_finished_ray_job_is_one_attempt_priced_from_the_spec_with_its_events(
     # The stand-in read the staged spec and the data file shipped with it: three lines.
     assert [(e["event"], e.get("total_steps") or e.get("tokens")) for e in events] == [("start", 3), ("finished", 3)]
     followed = list(backend.logs(external_id, follow=True))  # streams, and ends with the job
-    assert sum(line.startswith("[spotune-event] {") for line in followed) == 2
+    # Every event reaches the log (the final flush may repeat lines the live mirror already sent).
+    assert len({line for line in followed if line.startswith("[spotune-event] {")}) == 2
 
 
 def test_a_crashed_recipe_fails_the_job_with_its_exit_code(tmp_path, backend):
