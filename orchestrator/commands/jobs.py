@@ -18,9 +18,9 @@ if TYPE_CHECKING:
 
 
 def _console():
-    from rich.console import Console
+    from orchestrator.commands import make_console
 
-    return Console(highlight=False)
+    return make_console()
 
 
 def _state_dir() -> Path:
