@@ -6,11 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
+from waiting import wait_until
 
 from launch.supervisor import InjectionPlan, read_jsonl
 from orchestrator.ledger import Ledger
@@ -44,16 +44,6 @@ ENV = {**os.environ, "COLUMNS": "200"}
 
 def spotune(state: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(spotune_cmd(state, *args), capture_output=True, text=True, timeout=timeout, env=ENV)
-
-
-def wait_until(predicate, timeout: float = 300, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s")
 
 
 def only_run_dir(state: Path) -> Path:

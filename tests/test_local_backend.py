@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 import yaml
+from waiting import wait_until
 
 from launch.base import LaunchRequest, Placement
 from launch.local import LocalBackend, supervisor_alive
@@ -43,16 +43,6 @@ def request(tmp_path: Path, spec: Path, env: dict | None = None) -> LaunchReques
                           price_per_hour=PRICE)
     return LaunchRequest(job_id="job-1", spec_path=spec, run_dir=tmp_path / "runs" / "job-1",
                          placements=(placement,), env=env or {})
-
-
-def wait_until(predicate, timeout: float = 300, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s")
 
 
 def run_to_end(backend: LocalBackend, req: LaunchRequest):
