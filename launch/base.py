@@ -7,6 +7,7 @@ that died and re-attached neither loses nor double-counts an attempt.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -20,6 +21,12 @@ END_REASONS = ("finished", "preempted", "failed", "cancelled", "over_budget")
 
 class BackendError(RuntimeError):
     """A backend could not do what was asked; the message is the one line the user sees."""
+
+
+def first_line(e: BaseException) -> str:
+    """An SDK exception as one line for a BackendError (colour codes dropped)."""
+    text = str(e).strip() or type(e).__name__
+    return re.sub(r"\x1b\[[0-9;]*m", "", text.splitlines()[0])
 
 
 @dataclass(frozen=True)

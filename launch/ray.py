@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import time
 from datetime import datetime, timezone
@@ -27,7 +28,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from launch.base import BackendError, LaunchRequest, Observation, ObservedAttempt, Placement
+from launch.base import BackendError, LaunchRequest, Observation, ObservedAttempt, Placement, first_line
 from launch.event_log import flush_command, merge_events, mirror_command
 
 STATE_FILE = "ray.json"
@@ -63,7 +64,7 @@ class RayBackend:
                 from ray.job_submission import JobSubmissionClient
                 self._client = JobSubmissionClient(self._address)
             except Exception as e:
-                raise BackendError(f"cannot reach the Ray cluster at {self._address}: {_first_line(e)}") from None
+                raise BackendError(f"cannot reach the Ray cluster at {self._address}: {first_line(e)}") from None
         return self._client
 
     def _call(self, what: str, fn, *args, **kwargs):
@@ -72,7 +73,7 @@ class RayBackend:
         except BackendError:
             raise
         except Exception as e:
-            raise BackendError(f"Ray {what} failed: {_first_line(e)}") from None
+            raise BackendError(f"Ray {what} failed: {first_line(e)}") from None
 
     # -- protocol ----------------------------------------------------------------------------
     def submit(self, request: LaunchRequest) -> str:
@@ -152,7 +153,7 @@ class RayBackend:
             if pending:
                 yield pending
         except Exception as e:
-            raise BackendError(f"Ray logs failed: {_first_line(e)}") from None
+            raise BackendError(f"Ray logs failed: {first_line(e)}") from None
         finally:
             loop.close()
 
@@ -167,7 +168,7 @@ class RayBackend:
             "set +e",
             f'{recipe} spec.yaml --run-dir "$RUN_DIR" --checkpoint-dir "$RUN_DIR/checkpoints"',
             "rc=$?", flush_command("$RUN_DIR"), "exit $rc"])
-        return "bash -c " + _shell_quote(script)
+        return "bash -c " + shlex.quote(script)
 
     def _stage(self, spec, run_dir: Path) -> Path:
         """run_dir/ray-job: the working_dir Ray uploads (the node's spec and its data file)."""
@@ -224,12 +225,6 @@ def _first_line_text(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else ""
 
 
-def _first_line(e: BaseException) -> str:
-    return _first_line_text(str(e)) or type(e).__name__
-
-
-def _shell_quote(text: str) -> str:
-    return "'" + text.replace("'", "'\"'\"'") + "'"
 
 
 def _utc_ms(ms: Optional[int]) -> Optional[datetime]:

@@ -28,7 +28,7 @@ from typing import Mapping, Optional, Sequence
 
 import yaml
 
-from launch.base import Placement
+from launch.base import Placement, first_line
 from launch.event_log import flush_command, mirror_command
 from orchestrator.errors import UserError
 
@@ -180,11 +180,6 @@ def _catalog_fetch_is_one_line():
     except OSError as e:
         raise SkyTaskError("SkyPilot could not fetch its price catalog (offline? its catalogs live in "
                            f"${{SKY_RUNTIME_DIR:-$HOME}}/.sky/catalogs): {first_line(e)}") from None
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return re.sub(r"\x1b\[[0-9;]*m", "", text.splitlines()[0])
 
 
 def _source_root() -> Path:

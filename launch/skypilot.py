@@ -28,9 +28,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from launch.base import BackendError, LaunchRequest, Observation, ObservedAttempt, Placement
+from launch.base import BackendError, LaunchRequest, Observation, ObservedAttempt, Placement, first_line
 from launch.event_log import merge_events
-from launch.sky_task import SkyTaskError, first_line, build_task, secrets_from_environment
+from launch.sky_task import SkyTaskError, build_task, secrets_from_environment
 
 STATE_FILE = "skypilot.json"
 QUEUE_FIELDS = ["job_id", "task_id", "job_name", "status", "recovery_count", "submitted_at",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from waiting import early_preemption_seed
 
 from launch.local import LocalBackend
 from launch.supervisor import InjectionPlan, read_jsonl
@@ -44,16 +45,6 @@ def launch_local(tmp_path: Path, spec_path: Path, backend: LocalBackend) -> tupl
     plan = jobs.make_job_plan(spec, "local")
     submitted = jobs.submit_job(ledger, spec_path, spec, backend, plan, jobs.choose_option(plan, None), tmp_path / "state")
     return ledger, submitted
-
-
-def early_preemption_seed(total_steps: int) -> int:
-    """A seed whose simulated preemption comes at step 1 or 2: before a fast machine could finish."""
-    for seed in range(1000):
-        plan = InjectionPlan(1, seed)
-        plan.arm(0, total_steps)
-        if plan.trigger_step <= 2:
-            return seed
-    raise AssertionError("no such seed")
 
 
 @pytest.mark.slow

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from waiting import wait_until
+from waiting import early_preemption_seed, wait_until
 
-from launch.supervisor import InjectionPlan, read_jsonl
+from launch.supervisor import read_jsonl
 from orchestrator.ledger import Ledger
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "recipes" / "data" / "json_demo.jsonl"
@@ -53,16 +53,6 @@ def only_run_dir(state: Path) -> Path:
 
 def has_step(run_dir: Path) -> bool:
     return any(e["event"] == "step" for e in read_jsonl(run_dir / "events.jsonl"))
-
-
-def early_preemption_seed(total_steps: int) -> int:
-    """A seed whose simulated preemption comes at step 1 or 2: before a fast machine could finish."""
-    for seed in range(1000):
-        plan = InjectionPlan(1, seed)
-        plan.arm(0, total_steps)
-        if plan.trigger_step <= 2:
-            return seed
-    raise AssertionError("no such seed")
 
 
 def ledger_of(state: Path) -> Ledger:

@@ -1,5 +1,7 @@
-"""Polling for tests that watch real processes: wait for a condition, fail loudly on timeout."""
+"""Polling and seeds for tests that watch real processes."""
 import time
+
+from launch.supervisor import InjectionPlan
 
 
 def wait_until(predicate, timeout: float = 300, every: float = 0.2):
@@ -11,3 +13,13 @@ def wait_until(predicate, timeout: float = 300, every: float = 0.2):
             return value
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout} s")
+
+
+def early_preemption_seed(total_steps: int) -> int:
+    """A seed whose simulated preemption comes at step 1 or 2: before a fast machine could finish."""
+    for seed in range(1000):
+        plan = InjectionPlan(1, seed)
+        plan.arm(0, total_steps)
+        if plan.trigger_step <= 2:
+            return seed
+    raise AssertionError("no such seed")
