@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from launch.base import ObservedAttempt, Placement  # noqa: E402
 from orchestrator.ledger import Ledger  # noqa: E402
-from orchestrator.plan import Offer, Option, Plan  # noqa: E402
+from orchestrator.quote import Offer, Option, Plan  # noqa: E402
 from orchestrator.reconcile import reconcile_job  # noqa: E402
 from orchestrator.spec import parse_spec  # noqa: E402
 

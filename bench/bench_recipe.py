@@ -42,10 +42,10 @@ NAIVE_RUNS = [("llama-1b", "full", 8, 2048, False), ("llama-8b", "lora", 4, 2048
 
 def _model_dir(name: str, workdir: Path) -> str:
     """A local model directory: tiny-llama's own build, or a random-init Llama shape + byte tokenizer."""
-    from recipes.tiny import build_tokenizer, resolve_model
+    from recipes.tiny import build_tokenizer, local_model_path
 
     if name == "tiny-llama":
-        return resolve_model(name)
+        return local_model_path(name)
     path = workdir / name
     if not (path / "config.json").exists():
         import torch

@@ -22,14 +22,14 @@ from sqlalchemy.orm import Session
 
 from orchestrator.errors import UserError
 from orchestrator.ledger_events import events_to_rows, insert_ignore, read_new_lines
-from orchestrator.ledger_models import (JOB_STATUSES, Attempt, AttemptRecord, Checkpoint, CheckpointRecord, Estimate,
+from orchestrator.ledger_tables import (JOB_STATUSES, Attempt, AttemptRecord, Checkpoint, CheckpointRecord, Estimate,
                                         EstimateRecord, EventCursor, Job, JobRecord, ProgressSample, RunEvent,
                                         RunEventRecord, SampleRecord)
 from orchestrator.redact import redact
 
 if TYPE_CHECKING:
     from launch.base import ObservedAttempt
-    from orchestrator.plan import Plan
+    from orchestrator.quote import Plan
     from orchestrator.spec import JobSpec
 
 __all__ = ["Ledger", "LedgerError", "JobRecord", "EstimateRecord", "AttemptRecord", "CheckpointRecord",

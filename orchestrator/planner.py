@@ -21,8 +21,8 @@ from orchestrator.estimate.preemption import (checkpoint_bytes, checkpoint_inter
                                               preemption_overhead_hours)
 from orchestrator.estimate.throughput import ThroughputEstimate, estimate_throughput
 from orchestrator.estimate.tokens import DatasetTokens, dataset_tokens, total_training_tokens
-from orchestrator.models import ModelArch, local_tokenizer_file, resolve_model
-from orchestrator.plan import CostLine, ManagedQuote, Offer, Option, Plan, Rejected
+from orchestrator.architectures import ModelArch, local_tokenizer_file, resolve_architecture
+from orchestrator.quote import CostLine, ManagedQuote, Offer, Option, Plan, Rejected
 
 KEEP_OPTIONS = 100          # options kept in a Plan (cheapest first); the count of all is in assumptions
 KEEP_REJECTED_PER_REASON = 10
@@ -65,7 +65,7 @@ class Group:
 
 
 def resolve_job(spec, dataset: Optional[DatasetTokens] = None) -> Job:
-    arch = resolve_model(spec.model)
+    arch = resolve_architecture(spec.model)
     if dataset is None:
         dataset = dataset_tokens(spec, local_tokenizer_file(spec.model), arch.byte_tokenizer)
     total = total_training_tokens(spec, dataset)

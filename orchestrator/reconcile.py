@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from decimal import Decimal, localcontext
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from orchestrator.plan import money
+from orchestrator.quote import money
 
 if TYPE_CHECKING:
     from orchestrator.ledger import (AttemptRecord, CheckpointRecord, JobRecord, Ledger, RunEventRecord,

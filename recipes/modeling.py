@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from recipes.config import ConfigError
 from recipes.data import IGNORE_INDEX
-from recipes.tiny import resolve_model
+from recipes.tiny import local_model_path
 
 LOSS_CHUNK_TOKENS = 1024
 FLASH = "flash_attention_2"
@@ -64,7 +64,7 @@ def load_tokenizer(cfg):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(resolve_model(cfg.model))
+        return AutoTokenizer.from_pretrained(local_model_path(cfg.model))
     except (OSError, ValueError, KeyError, ImportError) as e:
         raise _cannot_load(cfg, e) from None
 
@@ -82,7 +82,7 @@ def load_model(cfg, device: torch.device, dtype: torch.dtype, attention: str):
     if device.type == "cuda" or cfg.method == "qlora":
         kwargs["device_map"] = {"": device}  # straight onto the device, no full copy in host memory
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.model), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(local_model_path(cfg.model), **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as e:
         raise _cannot_load(cfg, e) from None
     model.config.use_cache = False

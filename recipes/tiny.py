@@ -32,7 +32,7 @@ ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 BYTE_VOCAB = 256
 VOCAB_SIZE = BYTE_VOCAB + len(SPECIAL_TOKENS) + len(ROLE_TOKENS)  # 262
 
-# Numbers the planner's built-in model table mirrors (orchestrator/models.py).
+# Numbers the planner's built-in model table mirrors (orchestrator/architectures.py).
 ARCHITECTURE = {
     "hidden_size": 128,
     "intermediate_size": 256,
@@ -170,7 +170,7 @@ def ensure_tiny_model(cache_dir: Path | str | None = None) -> Path:
     return target
 
 
-def resolve_model(name_or_path: str, cache_dir: Path | str | None = None) -> str:
+def local_model_path(name_or_path: str, cache_dir: Path | str | None = None) -> str:
     """`tiny-llama` -> its local build (built on first use); any other name or path unchanged."""
     if name_or_path == TINY_MODEL_NAME:
         return str(ensure_tiny_model(cache_dir))

@@ -319,9 +319,9 @@ class Trainer:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        from recipes.tiny import resolve_model
+        from recipes.tiny import local_model_path
 
-        base = AutoModelForCausalLM.from_pretrained(resolve_model(self.cfg.model), dtype=self.dtype)
+        base = AutoModelForCausalLM.from_pretrained(local_model_path(self.cfg.model), dtype=self.dtype)
         merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
         merged.save_pretrained(adapter_dir / "merged")
         self.tokenizer.save_pretrained(adapter_dir / "merged")

@@ -7,7 +7,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from launch.base import ObservedAttempt, Placement
-from orchestrator.plan import Offer, Option, Plan
+from orchestrator.quote import Offer, Option, Plan
 from orchestrator.spec import parse_spec
 
 T0 = datetime(2026, 11, 20, 9, 0, tzinfo=timezone.utc)

@@ -13,7 +13,7 @@ from orchestrator.estimate.memory import choose_batch, estimate_memory
 from orchestrator.estimate.preemption import checkpoint_interval_hours, preemption_overhead_hours
 from orchestrator.estimate.throughput import estimate_throughput, flops_per_token
 from orchestrator.estimate.tokens import count_dataset_tokens
-from orchestrator.models import resolve_model
+from orchestrator.architectures import resolve_architecture
 
 # Real H100 measurements (copied unchanged from shared/anchors/): the calibration's evidence.
 ANCHORS = json.loads((Path(__file__).resolve().parents[1] / "docs" / "anchors" / "h100-naive-baseline.json").read_text())
@@ -37,13 +37,13 @@ def _runs(section):
 
 
 def _memory(run, cal):
-    return estimate_memory(resolve_model(MODELS[run["model"]]), run["method"], seq_len=run["seq"],
+    return estimate_memory(resolve_architecture(MODELS[run["model"]]), run["method"], seq_len=run["seq"],
                            micro_batch=run["micro_batch"], gradient_checkpointing=run["grad_ckpt"], gpu_count=1,
                            cal=cal, lora_r=16, lora_dropout=0.0)
 
 
 def _throughput(run, cal):
-    return estimate_throughput(resolve_model(MODELS[run["model"]]), run["method"], seq_len=run["seq"],
+    return estimate_throughput(resolve_architecture(MODELS[run["model"]]), run["method"], seq_len=run["seq"],
                                gradient_checkpointing=run["grad_ckpt"], device=cal.device("H100"), gpu_count=1, cal=cal)
 
 
@@ -75,14 +75,14 @@ def test_qlora_without_fp32_upcast_runs_at_the_one_lever_speed(run):
 
 
 def test_measured_ordering_is_kept_lora_slower_than_full_at_1b_and_qlora_slowest():
-    arch = resolve_model("llama-3.2-1b")
+    arch = resolve_architecture("llama-3.2-1b")
     speed = {m: estimate_throughput(arch, m, seq_len=2048, gradient_checkpointing=False, device=NAIVE.device("H100"),
                                     gpu_count=1, cal=NAIVE).tokens_per_second for m in ("full", "lora", "qlora")}
     assert speed["full"] > speed["lora"] > 2.3 * speed["qlora"]
 
 
 def test_flops_per_token_uses_the_anchor_accounting():
-    arch = resolve_model("llama-3.1-8b")
+    arch = resolve_architecture("llama-3.1-8b")
     attention = 6 * 32 * 4096 * 2048
     assert flops_per_token(arch, "full", 2048, False) == 6 * arch.params + attention
     assert flops_per_token(arch, "lora", 2048, False) == 4 * arch.params + attention
@@ -91,7 +91,7 @@ def test_flops_per_token_uses_the_anchor_accounting():
 
 def test_other_gpus_scale_by_peak_tflops():
     cal = load_calibration()
-    arch = resolve_model("llama-3.1-8b")
+    arch = resolve_architecture("llama-3.1-8b")
     h100, a100 = (estimate_throughput(arch, "lora", seq_len=2048, gradient_checkpointing=True, device=cal.device(g),
                                       gpu_count=1, cal=cal).tokens_per_second for g in ("H100", "A100-80GB"))
     assert a100 / h100 == pytest.approx(gpu_specs()["A100-80GB"].bf16_tflops / gpu_specs()["H100"].bf16_tflops)
@@ -99,7 +99,7 @@ def test_other_gpus_scale_by_peak_tflops():
 
 def test_full_fine_tuning_shards_model_states_over_the_instance_gpus():
     cal = load_calibration()
-    arch = resolve_model("llama-3.1-8b")
+    arch = resolve_architecture("llama-3.1-8b")
     one, eight = (estimate_memory(arch, "full", seq_len=2048, micro_batch=1, gradient_checkpointing=True, gpu_count=n,
                                   cal=cal) for n in (1, 8))
     assert one.weights + one.gradients + one.optimizer == pytest.approx(8 * arch.params)
@@ -109,7 +109,7 @@ def test_full_fine_tuning_shards_model_states_over_the_instance_gpus():
 
 def test_batch_choice_prefers_no_checkpointing_and_the_largest_power_of_two_that_fits():
     cal = load_calibration()
-    arch = resolve_model("llama-3.1-8b")
+    arch = resolve_architecture("llama-3.1-8b")
     choice, _ = choose_batch(arch, "lora", seq_len=2048, global_batch=32, micro=None, checkpointing=None,
                              gpu_count=1, vram_gb=80, cal=cal)
     assert (choice.micro_batch, choice.gradient_checkpointing) == (2, False)   # the anchors ran exactly this
@@ -123,7 +123,7 @@ def test_batch_choice_prefers_no_checkpointing_and_the_largest_power_of_two_that
 
 def test_batch_choice_respects_fixed_micro_and_checkpointing_and_reports_a_miss():
     cal = load_calibration()
-    arch = resolve_model("llama-3.1-70b")
+    arch = resolve_architecture("llama-3.1-70b")
     choice, smallest = choose_batch(arch, "full", seq_len=2048, global_batch=32, micro=4, checkpointing=True,
                                     gpu_count=1, vram_gb=80, cal=cal)
     assert choice is None and smallest.micro_batch == 4 and smallest.gradient_checkpointing
@@ -201,13 +201,13 @@ def test_every_calibration_figure_has_a_source():
 
 def test_a_tiny_model_is_capped_by_the_micro_step_floor_and_the_anchors_are_not():
     cal = load_calibration()
-    tiny = resolve_model("tiny-llama")
+    tiny = resolve_architecture("tiny-llama")
     capped = estimate_throughput(tiny, "lora", seq_len=256, gradient_checkpointing=False, device=cal.device("H100"),
                                  gpu_count=1, cal=cal, micro_batch=8)
     floor = cal.micro_step_floor["seconds"] + cal.micro_step_floor["seconds_per_layer"] * tiny.layers
     assert capped.floor_seconds == floor and capped.tokens_per_second == pytest.approx(8 * 256 / floor)
     for run in ANCHORS["runs"]:
-        est = estimate_throughput(resolve_model(MODELS[run["model"]]), run["method"], seq_len=run["seq"],
+        est = estimate_throughput(resolve_architecture(MODELS[run["model"]]), run["method"], seq_len=run["seq"],
                                   gradient_checkpointing=run["grad_ckpt"], device=cal.device("H100"), gpu_count=1,
                                   cal=NAIVE, micro_batch=run["micro_batch"])
         assert est.floor_seconds == 0.0

@@ -12,14 +12,14 @@ from waiting import early_preemption_seed
 
 from launch.local import LocalBackend
 from launch.supervisor import InjectionPlan, read_jsonl
-from orchestrator import jobs
+from orchestrator import jobs, watch
 from orchestrator.errors import UserError
 from orchestrator.ledger import Ledger
-from orchestrator.plan import money
+from orchestrator.quote import money
 from orchestrator.reconcile import reconcile_job
 from orchestrator.spec import load_spec
 
-DEMO_DATA = Path(__file__).resolve().parents[1] / "recipes" / "data" / "json_demo.jsonl"
+DEMO_DATA = Path(__file__).resolve().parents[1] / "recipes" / "sample_data" / "json_demo.jsonl"
 
 
 def write_spec(directory: Path, *, max_steps: int, price: float = 2.73, budget: float | None = None) -> Path:
@@ -51,7 +51,7 @@ def launch_local(tmp_path: Path, spec_path: Path, backend: LocalBackend) -> tupl
 def test_each_attempt_is_recorded_once_and_billed_by_wall_time(tmp_path):
     ledger, submitted = launch_local(tmp_path, write_spec(tmp_path, max_steps=12),
                                      LocalBackend(restart_seconds=0, simulate_preemptions=1, seed=early_preemption_seed(12)))
-    final = jobs.Watcher(ledger, submitted.job_id, LocalBackend(), submitted.external_id, poll_seconds=0.3).watch(timeout=600)
+    final = watch.Watcher(ledger, submitted.job_id, LocalBackend(), submitted.external_id, poll_seconds=0.3).watch(timeout=600)
 
     assert final.job.status == "succeeded"
     attempts = ledger.attempts(submitted.job_id)
@@ -61,7 +61,7 @@ def test_each_attempt_is_recorded_once_and_billed_by_wall_time(tmp_path):
 
     # Observing again, from another ledger connection and a watcher rebuilt from the ledger, changes nothing.
     again = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
-    watcher = jobs.attach(again, submitted.job_id)
+    watcher = watch.attach(again, submitted.job_id)
     watcher.sync()
     watcher.sync()
     assert again.attempts(submitted.job_id) == attempts
@@ -81,7 +81,7 @@ def test_budget_guard_stops_with_a_checkpoint_before_the_budget_is_spent(tmp_pat
     budget = Decimal(20)
     ledger, submitted = launch_local(tmp_path, write_spec(tmp_path, max_steps=100_000, price=360, budget=float(budget)),
                                      LocalBackend(restart_seconds=0))
-    final = jobs.Watcher(ledger, submitted.job_id, LocalBackend(), submitted.external_id, poll_seconds=0.3).watch(timeout=600)
+    final = watch.Watcher(ledger, submitted.job_id, LocalBackend(), submitted.external_id, poll_seconds=0.3).watch(timeout=600)
 
     assert final.job.status == "over_budget"
     assert "projected" in final.job.failure_reason and "$20.00" in final.job.failure_reason
@@ -119,10 +119,10 @@ def test_nvidia_smi_names_map_to_the_catalog_gpu_names(reported, gib, canonical)
 
 
 def test_projected_cost_is_spent_plus_remaining_tokens_at_measured_speed():
-    progress = jobs.Progress(step=10, total_steps=100, tokens=1_000, total_tokens=37_000, tokens_per_second=10.0)
+    progress = watch.Progress(step=10, total_steps=100, tokens=1_000, total_tokens=37_000, tokens_per_second=10.0)
     # 36,000 tokens left at 10 tokens/s = 1 hour at $2.50/h
-    assert jobs.project_cost(Decimal("1.00"), progress, Decimal("2.50")) == Decimal("3.50")
-    assert jobs.project_cost(Decimal("1.00"), jobs.Progress(), Decimal("2.50")) is None
+    assert watch.project_cost(Decimal("1.00"), progress, Decimal("2.50")) == Decimal("3.50")
+    assert watch.project_cost(Decimal("1.00"), watch.Progress(), Decimal("2.50")) is None
 
 
 def test_a_job_recorded_but_never_submitted_cannot_be_attached(tmp_path):
@@ -132,7 +132,7 @@ def test_a_job_recorded_but_never_submitted_cannot_be_attached(tmp_path):
     plan = jobs.make_job_plan(spec, "local")
     job_id = ledger.create_job(spec, spec_path.read_text(), "local", plan, 1)
     with pytest.raises(UserError, match="never submitted"):
-        jobs.attach(ledger, job_id)
+        watch.attach(ledger, job_id)
     with pytest.raises(UserError, match="no option 7 in the plan"):
         jobs.choose_option(plan, 7)
 
@@ -160,7 +160,7 @@ def test_two_preemptions_then_finish_match_an_uninterrupted_run_and_the_money_ad
     spec_path = write_spec(tmp_path, max_steps=16)
     ledger, submitted = launch_local(tmp_path, spec_path, LocalBackend(restart_seconds=0, simulate_preemptions=2,
                                                                        seed=two_preemption_seed(16)))
-    final = jobs.Watcher(ledger, submitted.job_id, LocalBackend(), submitted.external_id, poll_seconds=0.3).watch(timeout=900)
+    final = watch.Watcher(ledger, submitted.job_id, LocalBackend(), submitted.external_id, poll_seconds=0.3).watch(timeout=900)
 
     assert final.job.status == "succeeded"
     attempts = ledger.attempts(submitted.job_id)

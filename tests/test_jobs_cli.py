@@ -15,7 +15,7 @@ from waiting import early_preemption_seed, wait_until
 from launch.supervisor import read_jsonl
 from orchestrator.ledger import Ledger
 
-DEMO_DATA = Path(__file__).resolve().parents[1] / "recipes" / "data" / "json_demo.jsonl"
+DEMO_DATA = Path(__file__).resolve().parents[1] / "recipes" / "sample_data" / "json_demo.jsonl"
 
 
 def write_spec(directory: Path, name: str = "tiny-cli", *, max_steps: int = 3) -> Path:

@@ -42,7 +42,7 @@ def test_opening_migrates_to_head_and_the_schema_matches_the_models(ledger_url):
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    from orchestrator.ledger_models import Base
+    from orchestrator.ledger_tables import Base
     from orchestrator.migrations import head_revision
 
     Ledger(ledger_url).close()

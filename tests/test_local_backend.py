@@ -18,7 +18,7 @@ from launch.supervisor import InjectionPlan, read_jsonl
 
 pytestmark = pytest.mark.slow
 
-DEMO_DATA = Path(__file__).resolve().parents[1] / "recipes" / "data" / "json_demo.jsonl"
+DEMO_DATA = Path(__file__).resolve().parents[1] / "recipes" / "sample_data" / "json_demo.jsonl"
 PRICE = Decimal("2.73")
 TERMINAL = ("succeeded", "failed", "cancelled")
 

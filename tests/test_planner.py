@@ -7,7 +7,7 @@ import pytest
 from orchestrator.catalog import load_managed_prices
 from orchestrator.errors import UserError
 from orchestrator.estimate import load_calibration
-from orchestrator.plan import Offer
+from orchestrator.quote import Offer
 from orchestrator.planner import NoFeasibleOption, break_even_tokens, make_plan, plan_local
 from orchestrator.spec import parse_spec
 

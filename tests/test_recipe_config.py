@@ -36,7 +36,7 @@ def test_every_shipped_config_is_valid_for_planner_and_recipe_alike(config):
 def test_the_tiny_demo_points_at_the_shipped_dataset():
     cfg = load_train_config(REPO / "recipes" / "configs" / "tiny-demo.yaml")
     assert cfg.model == "tiny-llama" and cfg.method == "lora"
-    assert cfg.data_path().resolve() == (REPO / "recipes" / "data" / "json_demo.jsonl").resolve()
+    assert cfg.data_path().resolve() == (REPO / "recipes" / "sample_data" / "json_demo.jsonl").resolve()
     assert cfg.checkpoint.every_steps and cfg.checkpoint.every_minutes
     assert load_spec(REPO / "recipes" / "configs" / "tiny-demo.yaml").local.price_per_hour == 2.73
 

@@ -18,7 +18,7 @@ from recipes.tiny import build_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "recipes" / "configs" / "tiny-demo.yaml"
-DEMO_DATA = REPO / "recipes" / "data" / "json_demo.jsonl"
+DEMO_DATA = REPO / "recipes" / "sample_data" / "json_demo.jsonl"
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from recipes.tiny import ARCHITECTURE, VOCAB_SIZE, build_tokenizer, ensure_tiny_model, resolve_model  # noqa: E402
+from recipes.tiny import ARCHITECTURE, VOCAB_SIZE, build_tokenizer, ensure_tiny_model, local_model_path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,14 +43,14 @@ def test_built_once_then_loaded_through_from_pretrained(tmp_path):
 
 def test_cache_location_follows_spotune_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SPOTUNE_CACHE", str(tmp_path / "cache"))
-    assert resolve_model("tiny-llama") == str(tmp_path / "cache" / "tiny-llama")
+    assert local_model_path("tiny-llama") == str(tmp_path / "cache" / "tiny-llama")
     assert (tmp_path / "cache" / "tiny-llama" / "config.json").is_file()
 
 
 def test_other_model_names_pass_through_untouched(tmp_path, monkeypatch):
     monkeypatch.setenv("SPOTUNE_CACHE", str(tmp_path))
-    assert resolve_model("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B"
-    assert resolve_model("/models/my-llama") == "/models/my-llama"
+    assert local_model_path("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B"
+    assert local_model_path("/models/my-llama") == "/models/my-llama"
     assert not any(tmp_path.iterdir())
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from ledger_factory import at, event, hand_example, make_option, make_plan, make_spec, observed, spec_yaml, write_events
 from orchestrator.ledger import Ledger
-from orchestrator.plan import money
+from orchestrator.quote import money
 from orchestrator.reconcile import reconcile, reconcile_job
 
 

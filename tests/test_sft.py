@@ -200,11 +200,11 @@ def test_merge_writes_a_plain_model_that_matches_the_adapter(tmp_path):
     assert result.returncode == 0, result.stderr
     merged_dir = run_dir / "output" / "merged"
     assert not (merged_dir / "adapter_config.json").exists()
-    from recipes.tiny import resolve_model
+    from recipes.tiny import local_model_path
 
     inputs = torch.tensor([[5, 60, 70, 80, 90]])
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
-    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve_model("tiny-llama")),
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(local_model_path("tiny-llama")),
                                         run_dir / "output").eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(inputs).logits, adapted(inputs).logits, rtol=1e-4, atol=1e-4)
@@ -257,9 +257,9 @@ def test_packed_documents_do_not_attend_to_each_other():
     from transformers import AutoModelForCausalLM
 
     from recipes.modeling import CausalLMLoss
-    from recipes.tiny import resolve_model
+    from recipes.tiny import local_model_path
 
-    lm = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-llama"), attn_implementation="sdpa").eval()
+    lm = AutoModelForCausalLM.from_pretrained(local_model_path("tiny-llama"), attn_implementation="sdpa").eval()
     loss = CausalLMLoss(lm, "sdpa")
     first, second = [1, 70, 71, 72, 73, 74], [1, 80, 81, 82]
 

@@ -14,7 +14,7 @@ from sky_catalog import catalog_offers, seeded_runtime, sky_with_seeded_catalog
 
 from launch.base import BackendError, LaunchRequest, Placement
 from launch.skypilot import SkyPilotBackend
-from orchestrator.plan import money
+from orchestrator.quote import money
 
 sky = sky_with_seeded_catalog()
 

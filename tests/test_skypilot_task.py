@@ -9,7 +9,7 @@ from sky_catalog import catalog_offers, seeded_runtime, sky_with_seeded_catalog
 
 from launch.sky_task import (CHECKPOINT_MOUNT, SkyTaskError, build_task, placements_from_plan,
                              render_task_yaml)
-from orchestrator.plan import Option, Plan
+from orchestrator.quote import Option, Plan
 from orchestrator.spec import load_spec
 
 sky = sky_with_seeded_catalog()

@@ -22,7 +22,7 @@ from orchestrator.catalog.sky import (SKY_CLOUDS, export_sky, read_sky_catalog, 
                                       sky_catalog_files)
 from orchestrator.catalog.snapshot import load_snapshot, snapshot_date, snapshot_signature
 from orchestrator.catalog.specs import GpuSpec, gpu_specs
-from orchestrator.plan import Offer
+from orchestrator.quote import Offer
 
 __all__ = [
     "GpuSpec", "ManagedPrice", "Offer", "SKY_CLOUDS", "default_sky_catalog_dir", "export_sky",

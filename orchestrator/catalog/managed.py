@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import yaml
 
 from orchestrator.errors import UserError
-from orchestrator.plan import ManagedQuote
+from orchestrator.quote import ManagedQuote
 
 MANAGED_PATH = Path(__file__).parent / "data" / "managed.yaml"
 METHODS = ("full", "lora", "qlora")

@@ -20,7 +20,7 @@ from typing import Iterable, Optional
 
 from orchestrator.catalog.specs import GpuSpec, gpu_specs
 from orchestrator.errors import UserError
-from orchestrator.plan import Offer
+from orchestrator.quote import Offer
 
 log = logging.getLogger(__name__)
 

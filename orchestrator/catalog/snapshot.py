@@ -10,7 +10,7 @@ from typing import Iterable, Optional
 
 import yaml
 
-from orchestrator.plan import Offer
+from orchestrator.quote import Offer
 
 DATA_DIR = Path(__file__).parent / "data"
 OFFERS_PATH = DATA_DIR / "offers.csv"

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 if TYPE_CHECKING:
-    from orchestrator.jobs import Tick
+    from orchestrator.watch import Tick
     from orchestrator.ledger import Ledger
 
 
@@ -149,7 +149,7 @@ def launch(
     poll_seconds: Optional[float] = typer.Option(None, "--poll-seconds", help="How often to poll the backend while watching (default: the backend's, 1 s locally)."),
 ) -> None:
     """Plan, record the estimate, launch, and watch the job to the end (ledger: estimate vs actual)."""
-    from orchestrator import jobs
+    from orchestrator import jobs, watch
     from orchestrator.spec import load_spec
 
     console = _console()
@@ -175,7 +175,7 @@ def launch(
     if detach:
         console.print(f"watch it with: spotune resume {submitted.job_id}   (or spotune status / logs {submitted.job_id})")
         return
-    watcher = jobs.Watcher(ledger, submitted.job_id, chosen_backend, submitted.external_id, poll_seconds)
+    watcher = watch.Watcher(ledger, submitted.job_id, chosen_backend, submitted.external_id, poll_seconds)
     raise typer.Exit(_watch(console, ledger, watcher, submitted.job_id))
 
 
@@ -183,14 +183,14 @@ def status(job: Optional[str] = typer.Argument(None, help="Job id (or a unique p
     """A table of jobs, or one job's detail (synced with its backend first)."""
     from rich.table import Table
 
-    from orchestrator.ledger_models import TERMINAL_STATUSES
+    from orchestrator.ledger_tables import TERMINAL_STATUSES
     from orchestrator.reconcile import reconcile_job
 
     console, ledger = _console(), _ledger()
     if job is not None:
         record = ledger.get_job(job)
         if record.status not in TERMINAL_STATUSES and record.external_id is not None:
-            from orchestrator.jobs import attach
+            from orchestrator.watch import attach
 
             attach(ledger, record.id, state_dir=_state_dir()).sync()
         render_job(console, ledger, record.id)
@@ -199,7 +199,7 @@ def status(job: Optional[str] = typer.Argument(None, help="Job id (or a unique p
     live = [r for r in records if r.status not in TERMINAL_STATUSES and r.external_id is not None]
     if live:
         from orchestrator.errors import UserError
-        from orchestrator.jobs import attach
+        from orchestrator.watch import attach
 
         for r in live:
             try:
@@ -223,7 +223,8 @@ def status(job: Optional[str] = typer.Argument(None, help="Job id (or a unique p
 def logs(job: str = typer.Argument(..., help="Job id (or a unique prefix)."),
          follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends.")) -> None:
     """The recipe's output, attempt by attempt."""
-    from orchestrator.jobs import attach, backend_errors
+    from orchestrator.jobs import backend_errors
+    from orchestrator.watch import attach
 
     watcher = attach(_ledger(), job, state_dir=_state_dir())
     try:
@@ -237,8 +238,8 @@ def logs(job: str = typer.Argument(..., help="Job id (or a unique prefix)."),
 def cancel(job: str = typer.Argument(..., help="Job id (or a unique prefix)."),
            wait: float = typer.Option(300.0, "--wait", help="Seconds to wait for the checkpoint and stop.")) -> None:
     """Stop a job gracefully: the recipe checkpoints first, then the job is marked cancelled."""
-    from orchestrator.jobs import cancel_job
-    from orchestrator.ledger_models import TERMINAL_STATUSES
+    from orchestrator.watch import cancel_job
+    from orchestrator.ledger_tables import TERMINAL_STATUSES
 
     console, ledger = _console(), _ledger()
     record = ledger.get_job(job)
@@ -256,7 +257,7 @@ def cancel(job: str = typer.Argument(..., help="Job id (or a unique prefix)."),
 def resume(job: str = typer.Argument(..., help="Job id (or a unique prefix)."),
            poll_seconds: Optional[float] = typer.Option(None, "--poll-seconds", help="How often to poll the backend (default: the backend's, 1 s locally).")) -> None:
     """Re-attach to a job (after the CLI died or was detached) and watch it to the end."""
-    from orchestrator.jobs import attach
+    from orchestrator.watch import attach
 
     console, ledger = _console(), _ledger()
     watcher = attach(ledger, job, poll_seconds=poll_seconds, state_dir=_state_dir())

@@ -29,7 +29,7 @@ CSV_COLUMNS = ("id", "name", "status", "backend", "provider", "gpu", "method", "
 
 
 def _cents(amount: Decimal) -> float:
-    from orchestrator.plan import money
+    from orchestrator.quote import money
 
     return float(money(amount))
 

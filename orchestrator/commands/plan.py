@@ -31,7 +31,7 @@ def _hours(h: float) -> str:
 def _print_options(console, plan, top: int) -> None:
     from rich.table import Table
 
-    from orchestrator.plan import money
+    from orchestrator.quote import money
 
     table = Table(title=f"{plan.job}: {plan.model_name} ({plan.params / 1e9:.2f}B) {plan.method}, "
                         f"{plan.total_tokens:,} tokens · {plan.catalog_snapshot}", title_justify="left")
@@ -52,7 +52,7 @@ def _print_options(console, plan, top: int) -> None:
 def _print_managed(console, plan) -> None:
     from rich.table import Table
 
-    from orchestrator.plan import money
+    from orchestrator.quote import money
     from orchestrator.planner import break_even_tokens
 
     if not plan.managed:
@@ -102,11 +102,11 @@ def _print_assumptions(console, plan) -> None:
 def _explain(console, spec, plan) -> None:
     from orchestrator.estimate import load_calibration
     from orchestrator.estimate.memory import estimate_memory
-    from orchestrator.models import resolve_model
-    from orchestrator.plan import money
+    from orchestrator.architectures import resolve_architecture
+    from orchestrator.quote import money
 
     best = plan.best
-    mem = estimate_memory(resolve_model(spec.model), spec.method, seq_len=spec.seq_len, micro_batch=best.micro_batch,
+    mem = estimate_memory(resolve_architecture(spec.model), spec.method, seq_len=spec.seq_len, micro_batch=best.micro_batch,
                           gradient_checkpointing=best.gradient_checkpointing, gpu_count=best.offer.gpu_count,
                           cal=load_calibration(), lora_r=spec.lora.r, target_modules=spec.lora.target_modules,
                           lora_dropout=spec.lora.dropout)
@@ -129,7 +129,7 @@ def _explain(console, spec, plan) -> None:
 
 
 def _diff(console, plan_a, plan_b, name_a: str, name_b: str) -> None:
-    from orchestrator.plan import money
+    from orchestrator.quote import money
 
     a, b = plan_a.best, plan_b.best
     d_cost = money(b.expected_cost) - money(a.expected_cost)

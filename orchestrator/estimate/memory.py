@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from orchestrator.estimate import GIB, Calibration
-from orchestrator.models import LINEAR_MODULES, ModelArch
+from orchestrator.architectures import LINEAR_MODULES, ModelArch
 
 # Which projections read which tensor: q/k/v read the attention norm's output, gate/up the MLP norm's.
 _ATTN_IN = ("q_proj", "k_proj", "v_proj")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 from orchestrator.estimate import Calibration
-from orchestrator.models import ModelArch
+from orchestrator.architectures import ModelArch
 
 
 def checkpoint_interval_hours(every_minutes: Optional[float], every_steps: Optional[int],

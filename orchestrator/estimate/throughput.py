@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from orchestrator.estimate import Calibration, DeviceSpec
-from orchestrator.models import ModelArch
+from orchestrator.architectures import ModelArch
 
 
 def flops_per_token(arch: ModelArch, method: str, seq_len: int, gradient_checkpointing: bool) -> float:

@@ -2,7 +2,7 @@
 
 `upgrade_to_head(connection)` is what `Ledger(url)` calls. New revisions are written by hand in
 versions/ (next number, `down_revision` = the current head); tests/test_ledger.py checks that the
-migrated schema matches orchestrator/ledger_models.py on SQLite and PostgreSQL.
+migrated schema matches orchestrator/ledger_tables.py on SQLite and PostgreSQL.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Alembic environment: always given a connection by orchestrator.migrations (never reads a URL)."""
 from alembic import context
 
-from orchestrator.ledger_models import Base
+from orchestrator.ledger_tables import Base
 
 connection = context.config.attributes.get("connection")
 if connection is None:

@@ -13,7 +13,7 @@ from typing import Sequence, Union
 import sqlalchemy as sa
 from alembic import op
 
-from orchestrator.ledger_models import Money, UTCDateTime
+from orchestrator.ledger_tables import Money, UTCDateTime
 
 
 # revision identifiers, used by Alembic.

@@ -186,7 +186,7 @@ def arch_from_config(config: dict, name: str) -> ModelArch:
     return arch
 
 
-def resolve_model(model: str) -> ModelArch:
+def resolve_architecture(model: str) -> ModelArch:
     """A local path with config.json, else the built-in table; anything else is a UserError."""
     config_file = _config_file(model)
     if config_file is not None:
