@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from orchestrator.catalog import load_managed_prices, load_offers, snapshot_date  # noqa: E402
 from orchestrator.estimate import load_calibration  # noqa: E402
 from orchestrator.planner import make_plan  # noqa: E402
-from orchestrator.spec import load_spec  # noqa: E402
+from contract.spec import load_spec  # noqa: E402
 
 TARGET_MS = 200.0
 

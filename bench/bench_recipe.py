@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SHAPES = {  # the anchors' shapes (/work/shared/anchors/h100-naive-baseline.json)
+SHAPES = {  # the anchors' shapes (docs/anchors/h100-naive-baseline.json)
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
     "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -77,19 +77,19 @@ def bench_one(model: str, method: str, seq: int, global_batch: int, steps: int, 
     """One configuration through the real Trainer, in this process."""
     import torch
 
-    from recipes.config import parse_train_config
-    from recipes.events import EventLog
+    from contract.spec import parse_spec
+    from contract.events import EventLog
     from recipes.trainer import Trainer
 
     data = workdir / f"data-{seq}.jsonl"
     if not data.exists():
         _synthetic_data(data, tokens=seq * global_batch * (steps + warmup + 2))
-    cfg = parse_train_config({
+    cfg = parse_spec({
         "name": "bench", "model": _model_dir(model, workdir), "method": method, "seq_len": seq,
         "data": {"path": str(data), "format": "text"}, "batch": {"global": global_batch, "micro": "auto"},
         "train": {"max_steps": steps + warmup, "gradient_checkpointing": "auto", "lr": 1e-5},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
-    })
+    }, for_training=True)
     run_dir = workdir / f"run-{model}-{method}"
     args = argparse.Namespace(run_dir=run_dir, checkpoint_dir=None, merge=False)
     no_signal = argparse.Namespace(requested=False, signal_name=None)
@@ -139,7 +139,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mode", choices=["auto", "gpu", "cpu"], default="auto")
     p.add_argument("--steps", type=int, default=None, help="measured steps (default 10 on GPU, 4 on CPU)")
-    p.add_argument("--naive", type=Path, default=None, help="naive_baseline.py (default: shared/bench or /work/shared/bench)")
+    p.add_argument("--naive", type=Path, default=None, help="the naive loop to compare with (default: bench/naive_baseline.py)")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--one", nargs=4, metavar=("MODEL", "METHOD", "SEQ", "GLOBAL"), help=argparse.SUPPRESS)
     p.add_argument("--naive-one", nargs=5, metavar=("MODEL", "METHOD", "MICRO", "SEQ", "CKPT"), help=argparse.SUPPRESS)
@@ -175,9 +175,8 @@ def main() -> None:
             f"{r['tokens_per_second']:>10,.0f} tok/s  peak {r['peak_gib']:.2f} GiB  micro {r['micro_batch']} "
             f"ckpt {r['grad_ckpt']}" if "failed" not in r else f"FAILED {r['failed']}"), flush=True)
     if gpu:
-        naive_path = args.naive or next((c for c in (REPO / "shared/bench/naive_baseline.py",
-                                                     Path("/work/shared/bench/naive_baseline.py")) if c.exists()), None)
-        for model, method, micro, seq, ckpt in NAIVE_RUNS if naive_path else []:
+        naive_path = args.naive or REPO / "bench" / "naive_baseline.py"
+        for model, method, micro, seq, ckpt in NAIVE_RUNS:
             r = _in_subprocess(["--naive-one", model, method, str(micro), str(seq), "1" if ckpt else "0",
                                 "--naive", str(naive_path), "--workdir", str(workdir)])
             results["naive"].append(r)

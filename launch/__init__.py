@@ -1,1 +1,1 @@
-"""Compute backends: one protocol (launch.base.Backend), one module per place jobs run."""
+"""Compute backends: one module per place jobs run, each speaking contract.backend.Backend."""

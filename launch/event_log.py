@@ -7,10 +7,11 @@ order, which is the file's order, is kept. Needs no cloud storage credentials on
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Iterable
+
+from contract.events import EVENTS_FILE, parse_line
 
 EVENT_LOG_PREFIX = "[spotune-event] "
 
@@ -24,7 +25,7 @@ def mirror_command(run_dir: str) -> str:
     once the shell is gone (--pid), leaving nothing behind to hold the job's output open."""
     return "\n".join([
         "trap : TERM",
-        f'(trap "" TERM; tail -n +1 -F --pid=$$ "{run_dir}/events.jsonl" 2>/dev/null'
+        f'(trap "" TERM; tail -n +1 -F --pid=$$ "{run_dir}/{EVENTS_FILE}" 2>/dev/null'
         f' | sed -u "s/^/{EVENT_LOG_PREFIX}/") &'])
 
 
@@ -32,7 +33,7 @@ def flush_command(run_dir: str) -> str:
     """A shell line that prints the whole event log once more, after the recipe has exited: the
     background tail can exit with the shell before it read the last lines (a short job), and
     merge_events drops the lines it has already seen."""
-    return f'sed "s/^/{EVENT_LOG_PREFIX}/" "{run_dir}/events.jsonl" 2>/dev/null || true'
+    return f'sed "s/^/{EVENT_LOG_PREFIX}/" "{run_dir}/{EVENTS_FILE}" 2>/dev/null || true'
 
 
 def merge_events(log_lines: Iterable[str], events_path: Path) -> Path:
@@ -42,7 +43,8 @@ def merge_events(log_lines: Iterable[str], events_path: Path) -> Path:
     for line in log_lines:
         _, marker, event = line.partition(EVENT_LOG_PREFIX)
         event = event.strip()
-        if marker and event and event not in seen and _is_json_object(event):
+        # A line cut off by the log (a killed tail, a chunk boundary) is not an event.
+        if marker and event and event not in seen and parse_line(event) is not None:
             seen.add(event)
             known.append(event)
     events_path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,10 +52,3 @@ def merge_events(log_lines: Iterable[str], events_path: Path) -> Path:
     tmp.write_text("".join(line + "\n" for line in known))
     os.replace(tmp, events_path)
     return events_path
-
-
-def _is_json_object(text: str) -> bool:
-    try:
-        return isinstance(json.loads(text), dict)
-    except ValueError:
-        return False

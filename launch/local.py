@@ -1,6 +1,6 @@
 """The local backend: the job runs on this machine, watched over by a detached supervisor.
 
-`submit` writes the run directory (a self-contained copy of the spec, `supervisor.json`) and
+`submit` writes the run directory (the node spec as `spec.yaml`, `supervisor.json`) and
 starts `python -m launch.supervisor RUN_DIR` in a new session, so the job outlives the CLI that
 launched it. The supervisor (launch/supervisor.py) owns recovery; this class only reads what it
 records (`attempts.jsonl`, the supervisor's lock) and writes its control file.
@@ -17,20 +17,19 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from datetime import datetime, timezone
-from decimal import Decimal
 from pathlib import Path
 from typing import Iterator, Optional
 
 import yaml
 
-from launch.base import BackendError, LaunchRequest, Observation, ObservedAttempt, Placement
-from launch.supervisor import (ATTEMPTS_FILE, CONFIG_FILE, CONTROL_FILE, EVENTS_FILE, LOCK_FILE,
-                               SupervisorConfig, read_jsonl)
+from contract.backend import (TERMINAL_STATES, BackendError, DeviceReport, LaunchRequest, Observation,
+                              ObservedAttempt)
+from contract.events import EVENTS_FILE, read_jsonl
+from contract.placement import Placement
+from launch.supervisor import ATTEMPTS_FILE, CONFIG_FILE, CONTROL_FILE, LOCK_FILE, SupervisorConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 
 
 def detect_gpu() -> tuple[Optional[str], int, Optional[float]]:
@@ -55,30 +54,8 @@ def detect_gpu() -> tuple[Optional[str], int, Optional[float]]:
     return name, len(rows), gib
 
 
-def placement_to_json(p: Placement) -> dict:
-    d = asdict(p)
-    d["price_per_hour"] = str(p.price_per_hour)
-    return d
-
-
-def placement_from_json(d: dict) -> Placement:
-    return Placement(**{**d, "price_per_hour": Decimal(str(d["price_per_hour"]))})
-
-
 def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, tz=timezone.utc)
-
-
-def self_contained_spec(spec_path: Path, dest: Path) -> None:
-    """Copy the spec into the run dir with a relative data.path made absolute, because a
-    relative path resolves against the spec file's own directory."""
-    raw = yaml.safe_load(spec_path.read_text())
-    data = raw.get("data") if isinstance(raw, dict) else None
-    if isinstance(data, dict) and data.get("path"):
-        p = Path(str(data["path"])).expanduser()
-        if not p.is_absolute():
-            data["path"] = str((spec_path.resolve().parent / p).resolve())
-    dest.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
 def supervisor_alive(run_dir: Path) -> bool:
@@ -98,10 +75,15 @@ def supervisor_alive(run_dir: Path) -> bool:
 
 class LocalBackend:
     name = "local"
+    pricing = "hourly"
+    options = ("simulate_preemptions", "hard", "seed", "restart_seconds")
+    poll_seconds = 1.0  # a local file read: cheap
 
-    def __init__(self, *, restart_seconds: float = 3.0, simulate_preemptions: int = 0, hard: bool = False,
-                 seed: int = 0, max_consecutive_crashes: int = 3, grace_seconds: float = 120.0,
-                 python: Optional[str] = None):
+    def __init__(self, state_dir: Optional[Path] = None, *, restart_seconds: float = 3.0,
+                 simulate_preemptions: int = 0, hard: bool = False, seed: int = 0,
+                 max_consecutive_crashes: int = 3, grace_seconds: float = 120.0, python: Optional[str] = None):
+        # The run dir comes with each request, and a local job's external id is its run dir, so
+        # the state dir is not needed here; it is accepted for the one constructor shape.
         if simulate_preemptions < 0:
             raise BackendError("--simulate-preemptions must be 0 or more")
         self.restart_seconds = restart_seconds
@@ -112,6 +94,15 @@ class LocalBackend:
         self.grace_seconds = grace_seconds
         self.python = python or sys.executable
 
+    def device(self) -> DeviceReport:
+        return DeviceReport(*detect_gpu())
+
+    def describe(self, request: LaunchRequest) -> str:
+        return "\n".join([
+            f"  supervisor: python -m launch.supervisor {request.run_dir}   (detached; restarts after preemption)",
+            f"  recipe:     python -m recipes.sft {request.run_dir}/spec.yaml --run-dir {request.run_dir} --attempt N",
+            f"  placement:  {request.placements[0].label()}"])
+
     # --- submit --------------------------------------------------------------------------
     def submit(self, request: LaunchRequest) -> str:
         run_dir = Path(request.run_dir).resolve()
@@ -121,14 +112,13 @@ class LocalBackend:
             raise BackendError("the local backend needs a placement (this machine's GPU and price)")
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         spec_copy = run_dir / "spec.yaml"
-        if Path(request.spec_path).resolve() != spec_copy:
-            self_contained_spec(Path(request.spec_path), spec_copy)
+        spec_copy.write_text(yaml.safe_dump(request.node_spec, sort_keys=False))
         config = SupervisorConfig(
-            job_id=request.job_id, spec_path=str(spec_copy), placement=placement_to_json(request.placements[0]),
+            job_id=request.job_id, spec_path=str(spec_copy), placement=request.placements[0],
             python=self.python, env=dict(request.env), restart_seconds=self.restart_seconds,
             simulate_preemptions=self.simulate_preemptions, hard=self.hard, seed=self.seed,
             max_consecutive_crashes=self.max_consecutive_crashes, grace_seconds=self.grace_seconds)
-        (run_dir / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2))
+        config.save(run_dir)
 
         # Lock before starting: the supervisor inherits the locked descriptor, so from the
         # moment submit returns, "lock free" can only mean "supervisor gone".
@@ -174,7 +164,7 @@ class LocalBackend:
             else:
                 ended_at, reason, detail = None, None, None
             attempts.append(ObservedAttempt(
-                n=n, placement=placement_from_json(start["placement"]), started_at=_utc(start["time"]),
+                n=n, placement=Placement.from_json(start["placement"]), started_at=_utc(start["time"]),
                 ended_at=ended_at, end_reason=reason, external_id=f"pid {start.get('pid')}", detail=detail))
 
         if job_end is not None:

@@ -2,19 +2,22 @@
 
 Where: the cluster's Jobs API address, from the constructor, $RAY_API_SERVER_ADDRESS or
 $RAY_ADDRESS (an http://head:8265 address). What runs: a runtime_env whose working_dir is a
-staging dir in the run dir (the spec as the node reads it, plus the data file) and whose
-py_modules is this checkout's `recipes` package, so the cluster runs exactly the recipe planned
-with here; the cluster's Python needs spotune's `train` extra installed. Secrets are not passed
-(Ray keeps runtime_env env_vars in its job table, visible on the dashboard): give the cluster
-HF_TOKEN in its own environment. The recipe's run dir is on the node that runs the driver, under
+staging dir in the run dir (the request's node spec, with data.path pointing at the staged copy
+of the data file, and that file) and whose py_modules are this checkout's `recipes` and
+`contract` packages, so the cluster runs exactly the recipe planned with here; the cluster's
+Python needs spotune's `train` extra installed. Secrets are not passed (Ray keeps runtime_env
+env_vars in its job table, visible on the dashboard): give the cluster HF_TOKEN in its own
+environment. The recipe's run dir is on the node that runs the driver, under
 $SPOTUNE_RAY_RUN_ROOT (default ~/spotune-runs), keyed by job id so a resubmission resumes.
 
-Price: Ray knows nothing of money, so an attempt is priced at the spec's `local.price_per_hour`
-(reused as "what an hour of this cluster costs you" for on-prem clusters). Ray does not recover
-jobs, so a job has one attempt; progress comes from `[spotune-event]` lines in the job log.
+Price: Ray knows nothing of money, and a cluster is hardware you already have, so an attempt is
+priced at the hourly rate the plan used: the spec's `local.price_per_hour` ("what an hour of this
+cluster costs you") unless `--price-per-hour` replaced it. Ray does not recover jobs, so a job has
+one attempt; progress comes from `[spotune-event]` lines in the job log.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shlex
@@ -28,12 +31,15 @@ from urllib.parse import urlparse
 
 import yaml
 
-from launch.base import BackendError, LaunchRequest, Observation, ObservedAttempt, Placement, first_line
+from contract.backend import (TERMINAL_STATES, BackendError, DeviceReport, LaunchRequest, Observation,
+                              ObservedAttempt, first_line)
+from contract.events import EVENTS_FILE, EXIT_PREEMPTED
+from contract.placement import Placement
 from launch.event_log import flush_command, merge_events, mirror_command
 
 STATE_FILE = "ray.json"
+STAGE_DIR = "ray-job"
 RECIPE = "python -m recipes.sft"
-PREEMPTED_EXIT_CODE = 75
 STOP_WAIT_SECONDS = 300
 JOB_STATE = {"PENDING": "pending", "RUNNING": "running", "SUCCEEDED": "succeeded",
              "FAILED": "failed", "STOPPED": "cancelled"}
@@ -43,13 +49,13 @@ SOURCE_ROOT = Path(__file__).resolve().parents[1]
 
 class RayBackend:
     name = "ray"
+    pricing = "hourly"
+    options = ()
+    poll_seconds = 2.0  # one HTTP call to the cluster's dashboard
 
-    def __init__(self, runs_dir: Optional[Path] = None, *, address: Optional[str] = None,
-                 client=None, recipe_command: str = RECIPE, events_refresh_seconds: float = 30.0):
-        if runs_dir is None:
-            from orchestrator.settings import state_dir
-            runs_dir = state_dir() / "runs"
-        self._runs_dir = Path(runs_dir)
+    def __init__(self, state_dir: Path, *, address: Optional[str] = None, client=None,
+                 recipe_command: str = RECIPE, events_refresh_seconds: float = 30.0):
+        self._runs_dir = Path(state_dir) / "runs"
         self._address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
         self._client = client
         self._recipe_command = recipe_command  # tests give a trivial stand-in that speaks the contract
@@ -76,26 +82,36 @@ class RayBackend:
             raise BackendError(f"Ray {what} failed: {first_line(e)}") from None
 
     # -- protocol ----------------------------------------------------------------------------
-    def submit(self, request: LaunchRequest) -> str:
-        from orchestrator.spec import load_spec
+    def device(self) -> DeviceReport:
+        # Which GPUs a job gets is the cluster's business: the orchestrator names them from
+        # the spec's local.gpu.
+        return DeviceReport(None, 0, None)
 
-        spec = load_spec(request.spec_path)
-        gpu, gpu_count = _gpu(spec, request)
-        stage = self._stage(spec, request.run_dir)
+    def describe(self, request: LaunchRequest) -> str:
+        placement = self._placement(request)
+        return "\n".join([
+            f"  cluster:     {self._address or '(none: set RAY_ADDRESS=http://<head>:8265)'}",
+            f"  entrypoint:  {self._recipe_line(_num_gpus(placement))} spec.yaml --run-dir "
+            f"${{SPOTUNE_RAY_RUN_ROOT:-$HOME/spotune-runs}}/{request.job_id}   (events mirrored into the job log)",
+            f"  working dir: {request.run_dir / STAGE_DIR}   (the node spec and its data file)",
+            f"  placement:   {placement.label()}"])
+
+    def submit(self, request: LaunchRequest) -> str:
+        placement = self._placement(request)
+        gpu_count = _num_gpus(placement)
+        stage = self._stage(request)
         submission_id = f"spotune-{request.job_id}"
         entrypoint = self._entrypoint(request.job_id, gpu_count)
         # Ray's job supervisor SIGKILLs 3 s after the stop SIGTERM unless told otherwise: give the
         # recipe time to write its checkpoint.
         env_vars = {"RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_SECONDS),
                     **{str(k): str(v) for k, v in request.env.items()}}
-        runtime_env = {"working_dir": str(stage), "py_modules": [str(SOURCE_ROOT / "recipes")],
-                       "env_vars": env_vars}
+        runtime_env = {"working_dir": str(stage), "env_vars": env_vars,
+                       "py_modules": [str(SOURCE_ROOT / "recipes"), str(SOURCE_ROOT / "contract")]}
         self._call("submit", self.client.submit_job, entrypoint=entrypoint, submission_id=submission_id,
                    runtime_env=runtime_env, entrypoint_num_gpus=gpu_count or None,
                    metadata={"spotune_job_id": request.job_id})
-        placement = Placement(provider="ray", region=_host(self._address), gpu=gpu, gpu_count=gpu_count,
-                              spot=False, price_per_hour=Decimal(str(spec.local.price_per_hour)))
-        self._save(request.run_dir, {"submission_id": submission_id, "placement": _placement_json(placement),
+        self._save(request.run_dir, {"submission_id": submission_id, "placement": placement.to_json(),
                                      "events_fetched_at": None})
         return submission_id
 
@@ -108,16 +124,16 @@ class RayBackend:
         attempts = ()
         if info.start_time and status != "PENDING":
             end_reason = END_REASON.get(status)
-            if status == "FAILED" and info.driver_exit_code == PREEMPTED_EXIT_CODE:
+            if status == "FAILED" and info.driver_exit_code == EXIT_PREEMPTED:
                 end_reason = "preempted"  # the recipe checkpointed on SIGTERM and exited 75
             attempts = (ObservedAttempt(
-                n=1, placement=_placement(state["placement"]), started_at=_utc_ms(info.start_time),
+                n=1, placement=Placement.from_json(state["placement"]), started_at=_utc_ms(info.start_time),
                 ended_at=_utc_ms(info.end_time) if end_reason else None, end_reason=end_reason,
                 external_id=external_id, detail=_detail(info) if end_reason else None),)
-        events_path = run_dir / "events.jsonl"
+        events_path = run_dir / EVENTS_FILE
         now = time.time()
         fetched_at = state.get("events_fetched_at")
-        terminal = job_state in ("succeeded", "failed", "cancelled")
+        terminal = job_state in TERMINAL_STATES
         if attempts and (fetched_at is None or now - fetched_at >= self._events_refresh_seconds
                          or (terminal and not state.get("events_final"))):
             merge_events(self.logs(external_id), events_path)
@@ -158,11 +174,20 @@ class RayBackend:
             loop.close()
 
     # -- helpers -----------------------------------------------------------------------------
+    def _placement(self, request: LaunchRequest) -> Placement:
+        """Where the attempt runs as the ledger records it: this cluster, at the hourly rate planned."""
+        gpu, gpu_count, price = _hardware(request)
+        return Placement(provider="ray", region=_host(self._address), gpu=gpu, gpu_count=gpu_count,
+                         spot=False, price_per_hour=price)
+
+    def _recipe_line(self, gpu_count: int) -> str:
+        if gpu_count > 1 and self._recipe_command == RECIPE:
+            return f"torchrun --standalone --nproc_per_node={gpu_count} -m recipes.sft"
+        return self._recipe_command
+
     def _entrypoint(self, job_id: str, gpu_count: int) -> str:
         run_dir = f"${{SPOTUNE_RAY_RUN_ROOT:-$HOME/spotune-runs}}/{job_id}"
-        recipe = self._recipe_command
-        if gpu_count > 1 and recipe == RECIPE:
-            recipe = f"torchrun --standalone --nproc_per_node={gpu_count} -m recipes.sft"
+        recipe = self._recipe_line(gpu_count)
         script = "\n".join([
             "set -e", f'RUN_DIR="{run_dir}"', 'mkdir -p "$RUN_DIR"', mirror_command("$RUN_DIR"),
             "set +e",
@@ -170,21 +195,24 @@ class RayBackend:
             "rc=$?", flush_command("$RUN_DIR"), "exit $rc"])
         return "bash -c " + shlex.quote(script)
 
-    def _stage(self, spec, run_dir: Path) -> Path:
-        """run_dir/ray-job: the working_dir Ray uploads (the node's spec and its data file)."""
-        stage = run_dir / "ray-job"
+    @staticmethod
+    def _stage(request: LaunchRequest) -> Path:
+        """run_dir/ray-job: the working_dir Ray uploads. The request's node spec, with data.path
+        relative to the working dir the driver starts in, and the data file it points at."""
+        stage = request.run_dir / STAGE_DIR
         if stage.exists():
             shutil.rmtree(stage)
         stage.mkdir(parents=True)
-        raw = spec.to_dict()
-        data_path = spec.data_path()
+        node = copy.deepcopy(request.node_spec)
+        data_path = (node.get("data") or {}).get("path")
         if data_path is not None:
+            data_path = Path(data_path)
             if not data_path.is_file():
                 raise BackendError(f"data file not found: {data_path}")
             (stage / "data").mkdir()
             shutil.copy2(data_path, stage / "data" / data_path.name)
-            raw["data"]["path"] = f"data/{data_path.name}"
-        (stage / "spec.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+            node["data"]["path"] = f"data/{data_path.name}"
+        (stage / "spec.yaml").write_text(yaml.safe_dump(node, sort_keys=False))
         return stage
 
     def _run_dir(self, external_id: str) -> Path:
@@ -201,13 +229,22 @@ class RayBackend:
         os.replace(tmp, run_dir / STATE_FILE)
 
 
-def _gpu(spec, request: LaunchRequest) -> tuple[str, int]:
-    """The cluster's GPUs for this job: a `local` placement (planner.plan_local) says which and
-    how many; cloud placements say nothing about this cluster, so spec.local.gpu (one) or CPU."""
+def _hardware(request: LaunchRequest) -> tuple[str, int, Decimal]:
+    """The cluster's GPUs for this job and what an hour of them costs. A `local` placement (the
+    orchestrator's hourly plan) says which, how many and at what price (spec.local.price_per_hour,
+    or the --price-per-hour that replaced it); cloud placements say nothing about this cluster,
+    so spec.local.gpu (one) or CPU, at spec.local.price_per_hour."""
     local = next((p for p in request.placements if p.provider == "local"), None)
     if local is not None:
-        return local.gpu, local.gpu_count
-    return (spec.local.gpu, 1) if spec.local.gpu else ("CPU", 0)
+        return local.gpu, local.gpu_count, local.price_per_hour
+    spec = request.spec
+    gpu, count = (spec.local.gpu, 1) if spec.local.gpu else ("CPU", 0)
+    return gpu, count, Decimal(str(spec.local.price_per_hour))
+
+
+def _num_gpus(placement: Placement) -> int:
+    """The GPUs to ask Ray for: none for a CPU placement, which the plan counts as one CPU."""
+    return 0 if placement.gpu == "CPU" else placement.gpu_count
 
 
 def _host(address: Optional[str]) -> str:
@@ -225,16 +262,5 @@ def _first_line_text(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else ""
 
 
-
-
 def _utc_ms(ms: Optional[int]) -> Optional[datetime]:
     return None if ms is None else datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
-
-
-def _placement_json(p: Placement) -> dict:
-    return {"provider": p.provider, "region": p.region, "gpu": p.gpu, "gpu_count": p.gpu_count,
-            "spot": p.spot, "price_per_hour": str(p.price_per_hour), "instance_type": p.instance_type}
-
-
-def _placement(raw: dict) -> Placement:
-    return Placement(**{**raw, "price_per_hour": Decimal(raw["price_per_hour"])})

@@ -7,8 +7,8 @@ secret values. `sky` is imported inside functions only: it takes seconds to impo
 What runs on the node:
 - workdir: this spotune checkout (synced by SkyPilot, honouring .gitignore), installed with the
   `train` extra in setup, so the recipe on the node is exactly the code planned with here;
-- the spec, rewritten so data.path points at the mounted data file, travels in the env var
-  SPOTUNE_SPEC_YAML (no secrets in it) and is written to a file by `run`;
+- the request's node spec, with only data.path changed to the mounted data file, travels in
+  the env var SPOTUNE_SPEC_YAML (no secrets in it) and is written to a file by `run`;
 - the checkpoint bucket is mounted MOUNT_CACHED at /ckpt; the recipe's run dir is
   /ckpt/$SKYPILOT_TASK_ID (stable across recoveries, new per managed job), holding
   events.jsonl, checkpoints/ and output/;
@@ -17,6 +17,7 @@ What runs on the node:
 """
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shlex
@@ -28,16 +29,15 @@ from typing import Mapping, Optional, Sequence
 
 import yaml
 
-from launch.base import Placement, first_line
+from contract.backend import LaunchRequest, first_line
+from contract.errors import UserError
+from contract.events import EVENTS_FILE, EXIT_PREEMPTED
+from contract.placement import Placement
 from launch.event_log import flush_command, mirror_command
-from orchestrator.errors import UserError
 
 CHECKPOINT_MOUNT = "/ckpt"
 NODE_DATA_DIR = "/spotune-data"
 NODE_SPEC_FILE = "$HOME/spotune-spec.yaml"
-# The recipe exits 75 after a clean checkpoint on SIGTERM (a spot termination notice): recover
-# then, whatever max_restarts_on_errors says.
-PREEMPTED_EXIT_CODE = 75
 # Regions kept per (cloud, instance type, spot) in the ordered resources. Cheap offers are often
 # one instance type listed in many regions at one price; without a cap the max_options slots go
 # to regions of a single offer and the fallback never reaches another cloud or GPU. Two regions
@@ -56,15 +56,6 @@ class SkippedPlacement:
     reason: str
 
 
-def placements_from_plan(plan) -> tuple[Placement, ...]:
-    """The plan's options as placements, in the plan's order (cheapest expected cost first)."""
-    return tuple(
-        Placement(provider=o.offer.provider, region=o.offer.region, gpu=o.offer.gpu,
-                  gpu_count=o.offer.gpu_count, spot=o.spot, price_per_hour=o.price_per_hour,
-                  instance_type=o.offer.instance_type)
-        for o in plan.options)
-
-
 def bucket_name(spec, job_id: str) -> str:
     """spec.sky.bucket, else one bucket per job: valid as an S3/GCS name (3-63 of [a-z0-9-])."""
     if spec.sky.bucket:
@@ -73,13 +64,16 @@ def bucket_name(spec, job_id: str) -> str:
     return f"spotune-ckpt-{slug}"[:63].rstrip("-")
 
 
-def node_spec(spec) -> dict:
-    """The spec as the node reads it: data.path points at the mounted copy of the data file."""
-    raw = spec.to_dict()
-    data_path = spec.data_path()
-    if data_path is not None:
-        raw["data"]["path"] = f"{NODE_DATA_DIR}/{data_path.name}"
-    return raw
+def node_data(request: LaunchRequest) -> tuple[dict, Optional[Path]]:
+    """(the node spec as the node on the cloud reads it, the local data file to ship). Only
+    data.path changes, to where the file is mounted; the rest is the request's node spec as given."""
+    node = copy.deepcopy(request.node_spec)
+    local = (node.get("data") or {}).get("path")
+    if local is None:
+        return node, None
+    local = Path(local)
+    node["data"]["path"] = f"{NODE_DATA_DIR}/{local.name}"
+    return node, local
 
 
 def _torch_pin() -> str:
@@ -120,16 +114,18 @@ def run_commands() -> str:
         "fi",
         "rc=$?",
         # torchrun turns the recipe's 75 (preempted after a checkpoint) into 1; the event log knows better.
-        f'if [ $rc -ne 0 ] && python -m recipes.events ended-preempted "$RUN_DIR/events.jsonl"; then rc={PREEMPTED_EXIT_CODE}; fi',
+        f'if [ $rc -ne 0 ] && python -m contract.events ended-preempted "$RUN_DIR/{EVENTS_FILE}"; then rc={EXIT_PREEMPTED}; fi',
         flush_command("$RUN_DIR"),
         "exit $rc",
     ]) + "\n"
 
 
 def _job_recovery(spec) -> dict:
+    # The recipe exits 75 after a clean checkpoint on SIGTERM (a spot termination notice):
+    # recover then, whatever max_restarts_on_errors says.
     return {"strategy": spec.sky.recovery_strategy,
             "max_restarts_on_errors": spec.sky.max_restarts_on_errors,
-            "recover_on_exit_codes": [PREEMPTED_EXIT_CODE]}
+            "recover_on_exit_codes": [EXIT_PREEMPTED]}
 
 
 def sky_resources(spec, placements: Sequence[Placement]):
@@ -188,34 +184,34 @@ def _source_root() -> Path:
     return SOURCE_ROOT
 
 
-def build_task(spec, job_id: str, placements: Sequence[Placement], *,
-               secrets: Optional[Mapping[str, str]] = None, env: Optional[Mapping[str, str]] = None):
-    """(sky.Task, skipped placements) for a job. `secrets` are values (from the user's environment
-    at launch time); leave them out to build the task for display."""
+def build_task(request: LaunchRequest, *, secrets: Optional[Mapping[str, str]] = None):
+    """(sky.Task, skipped placements) for a launch request. `secrets` are values (from the user's
+    environment at launch time); leave them out to build the task for display."""
     with _catalog_fetch_is_one_line():
-        return _build_task(spec, job_id, placements, secrets, env)
+        return _build_task(request, secrets)
 
 
-def _build_task(spec, job_id, placements, secrets, env):
+def _build_task(request: LaunchRequest, secrets):
     import sky
 
-    resources, skipped = sky_resources(spec, placements)
+    spec = request.spec
+    resources, skipped = sky_resources(spec, request.placements)
     if not resources:
         why = f": {skipped[0].placement.provider}/{skipped[0].placement.region}: {skipped[0].reason}" if skipped else ""
         raise SkyTaskError(f"no option in the plan can be launched through SkyPilot{why}")
-    envs = {str(k): str(v) for k, v in (env or {}).items()}
-    envs.update({"SPOTUNE_JOB_ID": job_id,
-                 "SPOTUNE_SPEC_YAML": yaml.safe_dump(node_spec(spec), sort_keys=False)})
+    node_spec, data_file = node_data(request)
+    envs = {str(k): str(v) for k, v in request.env.items()}
+    envs.update({"SPOTUNE_JOB_ID": request.job_id,
+                 "SPOTUNE_SPEC_YAML": yaml.safe_dump(node_spec, sort_keys=False)})
     file_mounts = {}
-    data_path = spec.data_path()
-    if data_path is not None:
-        if not data_path.is_file():
-            raise SkyTaskError(f"data file not found: {data_path}")
-        file_mounts[f"{NODE_DATA_DIR}/{data_path.name}"] = str(data_path.resolve())
-    task = sky.Task(name=job_id, setup=setup_commands(), run=run_commands(), envs=envs,
+    if data_file is not None:
+        if not data_file.is_file():
+            raise SkyTaskError(f"data file not found: {data_file}")
+        file_mounts[node_spec["data"]["path"]] = str(data_file)
+    task = sky.Task(name=request.job_id, setup=setup_commands(), run=run_commands(), envs=envs,
                     workdir=str(_source_root()), file_mounts=file_mounts or None)
     task.set_resources(resources)  # a list: SkyPilot tries them in this order
-    bucket = bucket_name(spec, job_id)
+    bucket = bucket_name(spec, request.job_id)
     storage = (sky.Storage(source=bucket, mode=sky.StorageMode.MOUNT_CACHED) if "://" in bucket
                else sky.Storage(name=bucket, mode=sky.StorageMode.MOUNT_CACHED))
     task.set_storage_mounts({CHECKPOINT_MOUNT: storage})
@@ -230,17 +226,17 @@ def secrets_from_environment(spec, environ: Optional[Mapping[str, str]] = None) 
     return {name: environ[name] for name in spec.sky.secrets if environ.get(name)}
 
 
-def render_task_yaml(spec, plan, job_id: str, placements: Optional[Sequence[Placement]] = None) -> str:
-    """The task YAML `spotune launch --backend skypilot --dry-run` prints. Secrets appear by name
-    with no value: `sky jobs launch FILE --secret HF_TOKEN` would fill them from the environment.
-    `placements`: the ones submit would get (e.g. a chosen option first); default the plan's order."""
-    task, skipped = build_task(spec, job_id, placements if placements is not None else placements_from_plan(plan))
+def render_task_yaml(request: LaunchRequest) -> str:
+    """The task YAML `spotune launch --backend skypilot --dry-run` prints: the task submit would
+    launch for this request. Secrets appear by name with no value: `sky jobs launch FILE --secret
+    HF_TOKEN` would fill them from the environment."""
+    task, skipped = build_task(request)
     with _catalog_fetch_is_one_line():
         config = task.to_yaml_config()
-    if spec.sky.secrets:
-        config["secrets"] = {name: None for name in spec.sky.secrets}
-    header = [f"# spotune job {job_id}: SkyPilot managed-job task (dry run, nothing launched)",
-              "# resources are tried in order: the plan's options, cheapest expected cost first,",
+    if request.spec.sky.secrets:
+        config["secrets"] = {name: None for name in request.spec.sky.secrets}
+    header = [f"# spotune job {request.job_id}: SkyPilot managed-job task (dry run, nothing launched)",
+              "# resources are tried in order: the chosen option, then the plan's others by expected cost,",
               f"# at most {REGIONS_PER_OFFER} regions per instance type (recovery moves on between regions)"]
     for s in skipped:
         header.append(f"# skipped {s.placement.provider}/{s.placement.region} {s.placement.gpu}:"

@@ -8,7 +8,9 @@ sky.get resolves.
 queue_v2 is a snapshot (status, last_recovered_at, accumulated job_duration, where it runs now),
 so the backend keeps what it has seen in <run_dir>/skypilot.json and turns the sequence of
 snapshots into attempts: each RUNNING stretch (one value of last_recovered_at) is an attempt on
-the cloud/region/instance it really ran on, priced from the catalog; RECOVERING closes it as
+the cloud/region/instance it really ran on, priced as the request's placement for those resources
+(SkyPilot launches only the resources it was given, and the orchestrator gives a placement for
+each, at the plan's catalog price, so no catalog is read here); RECOVERING closes it as
 preempted, at start + the run seconds SkyPilot added to job_duration; a terminal status closes
 the job. A re-attached CLI reads the same file and continues the numbering.
 
@@ -24,13 +26,15 @@ import os
 import re
 import time
 from datetime import datetime, timezone
-from decimal import Decimal
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
-from launch.base import BackendError, LaunchRequest, Observation, ObservedAttempt, Placement, first_line
+from contract.backend import (TERMINAL_STATES, BackendError, DeviceReport, LaunchRequest, Observation,
+                              ObservedAttempt, first_line)
+from contract.events import EVENTS_FILE
+from contract.placement import Placement
 from launch.event_log import merge_events
-from launch.sky_task import SkyTaskError, build_task, secrets_from_environment
+from launch.sky_task import SkyTaskError, build_task, render_task_yaml, secrets_from_environment
 
 STATE_FILE = "skypilot.json"
 QUEUE_FIELDS = ["job_id", "task_id", "job_name", "status", "recovery_count", "submitted_at",
@@ -51,15 +55,13 @@ EVENTS_REFRESH_SECONDS = 60.0
 
 class SkyPilotBackend:
     name = "skypilot"
+    pricing = "catalog"
+    options = ()
+    poll_seconds = 20.0  # each poll is a request to the API server, and through it a cloud API
 
-    def __init__(self, runs_dir: Optional[Path] = None, *, sdk=None, offers: Optional[Sequence] = None,
-                 events_refresh_seconds: float = EVENTS_REFRESH_SECONDS):
-        if runs_dir is None:
-            from orchestrator.settings import state_dir
-            runs_dir = state_dir() / "runs"
-        self._runs_dir = Path(runs_dir)
+    def __init__(self, state_dir: Path, *, sdk=None, events_refresh_seconds: float = EVENTS_REFRESH_SECONDS):
+        self._runs_dir = Path(state_dir) / "runs"
         self._sdk = sdk          # the `sky` module, or a test's fake of exactly the calls made here
-        self._offers = offers    # catalog offers for pricing; orchestrator.catalog.load_offers() if None
         self._events_refresh_seconds = events_refresh_seconds
         self._run_dirs: dict[str, Path] = {}
 
@@ -81,13 +83,15 @@ class SkyPilotBackend:
             raise BackendError(f"SkyPilot {what} failed: {first_line(e)}") from None
 
     # -- protocol ----------------------------------------------------------------------------
-    def submit(self, request: LaunchRequest) -> str:
-        from orchestrator.spec import load_spec
+    def device(self) -> DeviceReport:
+        return DeviceReport(None, 0, None)  # priced from the catalog: no hardware of our own
 
-        spec = load_spec(request.spec_path)
+    def describe(self, request: LaunchRequest) -> str:
+        return render_task_yaml(request)
+
+    def submit(self, request: LaunchRequest) -> str:
         try:
-            task, _skipped = build_task(spec, request.job_id, request.placements,
-                                        secrets=secrets_from_environment(spec), env=request.env)
+            task, _skipped = build_task(request, secrets=secrets_from_environment(request.spec))
         except SkyTaskError as e:  # the ledger records a failed submit, with this reason
             raise BackendError(str(e)) from None
         # (job_ids, controller handle[, credentials]), as sky's decoder returns it
@@ -100,7 +104,7 @@ class SkyPilotBackend:
         self._run_dirs[external_id] = request.run_dir
         self._save(external_id, {
             "managed_job_id": job_ids[0], "job_id": request.job_id,
-            "placements": [_placement_to_json(p) for p in request.placements],
+            "placements": [p.to_json() for p in request.placements],
             "attempts": [], "accumulated_seconds": 0.0, "events_fetched_at": None, "final": None})
         return external_id
 
@@ -112,7 +116,7 @@ class SkyPilotBackend:
         self._observe(state, record, status, now)
         job_state = JOB_STATE.get(status, "running")
         detail = _job_detail(status, record)
-        events_path = self._refresh_events(external_id, state, now, force=job_state in ("succeeded", "failed", "cancelled"))
+        events_path = self._refresh_events(external_id, state, now, force=job_state in TERMINAL_STATES)
         self._save(external_id, state)
         return Observation(state=job_state, attempts=tuple(_attempt_from_json(a) for a in state["attempts"]),
                            detail=detail, events_path=events_path)
@@ -169,44 +173,13 @@ class SkyPilotBackend:
             state["final"] = status
 
     def _new_attempt(self, state: dict, record, n: int, started_at: float) -> dict:
-        provider = (record.cloud or "").lower()
-        region = record.region
-        instance_type, spot = _parse_cluster_resources(record.cluster_resources_full or record.cluster_resources or "")
-        accelerators = record.accelerators or {}
-        gpu, gpu_count = (next(iter(accelerators.items())) if accelerators else (None, 0))
-        price, note = self._price(state, provider, region, instance_type, gpu, int(gpu_count), spot)
-        if gpu is None:  # only a planned placement can say which GPU a torn-down cluster had
-            planned = _planned(state, provider, region, instance_type, spot)
-            gpu, gpu_count = (planned.gpu, planned.gpu_count) if planned else ("unknown", 0)
-        return {"n": n, "provider": provider, "region": region, "instance_type": instance_type,
-                "gpu": gpu, "gpu_count": int(gpu_count), "spot": spot, "price_per_hour": str(price),
-                "started_at": started_at, "stretch_start": started_at, "ended_at": None,
-                "end_reason": None, "external_id": record.cluster_name_on_cloud, "detail": note}
-
-    def _price(self, state, provider, region, instance_type, gpu, gpu_count, spot) -> tuple[Decimal, Optional[str]]:
-        """The catalog price of the offer the attempt really ran on (whole instance, USD/h)."""
-        for offer in self._catalog():
-            if (offer.provider == provider and offer.region == region
-                    and (offer.instance_type == instance_type if instance_type
-                         else (offer.gpu, offer.gpu_count) == (gpu, gpu_count))):
-                price = offer.price(spot)
-                if price is not None:
-                    return price, None
-        planned = _planned(state, provider, region, instance_type, spot)
-        if planned is not None:
-            return planned.price_per_hour, "price from the plan: offer not in the catalog"
-        raise BackendError(f"no catalog price for {provider}/{region} {instance_type or gpu}"
-                           f"{' spot' if spot else ''}: refresh the catalog and poll again")
-
-    def _catalog(self) -> Sequence:
-        if self._offers is None:
-            from orchestrator.catalog import load_offers
-            self._offers = load_offers()
-        return self._offers
+        placement = _placement_of(state, record)
+        return {"n": n, "placement": placement.to_json(), "started_at": started_at, "stretch_start": started_at,
+                "ended_at": None, "end_reason": None, "external_id": record.cluster_name_on_cloud, "detail": None}
 
     # -- events via the job log --------------------------------------------------------------
     def _refresh_events(self, external_id: str, state: dict, now: float, force: bool) -> Optional[Path]:
-        events_path = self._run_dir(external_id) / "events.jsonl"
+        events_path = self._run_dir(external_id) / EVENTS_FILE
         fetched_at = state.get("events_fetched_at")
         due = fetched_at is None or now - fetched_at >= self._events_refresh_seconds
         if state["attempts"] and (due or (force and not state.get("events_final"))):
@@ -217,7 +190,7 @@ class SkyPilotBackend:
 
     def fetch_events(self, external_id: str) -> Path:
         """Rebuild <run_dir>/events.jsonl from the `[spotune-event]` lines of the job log."""
-        return merge_events(self.logs(external_id, follow=False), self._run_dir(external_id) / "events.jsonl")
+        return merge_events(self.logs(external_id, follow=False), self._run_dir(external_id) / EVENTS_FILE)
 
     # -- state file --------------------------------------------------------------------------
     def _run_dir(self, external_id: str) -> Path:
@@ -262,36 +235,45 @@ def _close(attempt: dict, ended_at: float, reason: str, detail: Optional[str]) -
 
 
 _RESOURCES = re.compile(r"(\[spot\])?\((.*)\)")
+_REQUESTED_GPU = re.compile(r"\[([^\]:\[]+):(\d+)\]")  # '[A10G:1]' in '1x[A10G:1][Spot]'
 
 
 def _parse_cluster_resources(text: str) -> tuple[Optional[str], bool]:
     """'1x[spot](gpus=A10G:1, cpus=4, mem=16, g5.xlarge, disk=256)' -> ('g5.xlarge', True).
 
     The format is SkyPilot's resources_utils.format_resource: key=value elements plus the bare
-    instance type."""
+    instance type. A job whose cluster is gone reports the requested resources instead,
+    '1x[A10G:1][Spot]': no instance type, and Spot capitalised."""
     match = _RESOURCES.search(text)
     if not match:
-        return None, "[spot]" in text
+        return None, "[spot]" in text.lower()
     bare = [e.strip() for e in match.group(2).split(",") if e.strip() and "=" not in e and e.strip() != "..."]
     return (bare[0] if bare else None), bool(match.group(1))
 
 
-def _planned(state: dict, provider, region, instance_type, spot) -> Optional[Placement]:
-    for raw in state.get("placements", []):
-        p = _placement_from_json(raw)
-        if (p.provider, p.region, p.spot) == (provider, region, spot) and (
-                not instance_type or p.instance_type in (None, instance_type)):
+def _placement_of(state: dict, record) -> Placement:
+    """The placement of the request that SkyPilot launched for this record: same cloud, region
+    and spot, and the same instance type (or, where the snapshot names none, GPU and count)."""
+    provider, region = (record.cloud or "").lower(), record.region
+    text = record.cluster_resources_full or record.cluster_resources or ""
+    instance_type, spot = _parse_cluster_resources(text)
+    accelerators = record.accelerators or {}
+    if accelerators:
+        gpu, count = next(iter(accelerators.items()))
+    else:
+        requested = _REQUESTED_GPU.search(text)
+        gpu, count = (requested.group(1), requested.group(2)) if requested else (None, 0)
+    for p in map(Placement.from_json, state.get("placements", [])):
+        if (p.provider, p.region, p.spot) != (provider, region, spot):
+            continue
+        if instance_type and p.instance_type:
+            if p.instance_type == instance_type:
+                return p
+        elif (p.gpu, p.gpu_count) == (gpu, int(count)):
             return p
-    return None
-
-
-def _placement_to_json(p: Placement) -> dict:
-    return {"provider": p.provider, "region": p.region, "gpu": p.gpu, "gpu_count": p.gpu_count,
-            "spot": p.spot, "price_per_hour": str(p.price_per_hour), "instance_type": p.instance_type}
-
-
-def _placement_from_json(raw: dict) -> Placement:
-    return Placement(**{**raw, "price_per_hour": Decimal(raw["price_per_hour"])})
+    ran_on = f"{provider}/{region} {instance_type or (f'{gpu}:{count}' if gpu else 'unknown resources')}"
+    raise BackendError(f"SkyPilot ran managed job {record.job_id} on {ran_on}{' spot' if spot else ''}, "
+                       "which matches none of the placements it was launched with: cannot price the attempt")
 
 
 def _utc(ts: Optional[float]) -> Optional[datetime]:
@@ -299,9 +281,8 @@ def _utc(ts: Optional[float]) -> Optional[datetime]:
 
 
 def _attempt_from_json(a: dict) -> ObservedAttempt:
-    placement = Placement(provider=a["provider"], region=a["region"], gpu=a["gpu"], gpu_count=a["gpu_count"],
-                          spot=a["spot"], price_per_hour=Decimal(a["price_per_hour"]),
-                          instance_type=a["instance_type"])
+    # A skypilot.json written before attempts nested their placement has its fields inline.
+    placement = Placement.from_json(a.get("placement", a))
     return ObservedAttempt(n=a["n"], placement=placement, started_at=_utc(a["started_at"]),
                            ended_at=_utc(a["ended_at"]), end_reason=a["end_reason"],
                            external_id=a["external_id"], detail=a["detail"])

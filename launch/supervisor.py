@@ -16,34 +16,37 @@ Control: `RUN_DIR/control.json` (`{"action": "stop", "graceful": true}`), writte
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
+
+from contract.events import (ERROR, EVENTS_FILE, EXIT_BAD_INPUT, EXIT_PREEMPTED, START, STEP, parse_line, read_jsonl,
+                             read_new_lines)
+from contract.placement import Placement
 
 ATTEMPTS_FILE = "attempts.jsonl"
 CONFIG_FILE = "supervisor.json"
 CONTROL_FILE = "control.json"
 LOCK_FILE = "supervisor.lock"
-EVENTS_FILE = "events.jsonl"
 
-EXIT_PREEMPTED = 75
-EXIT_BAD_INPUT = 2
 TICK_SECONDS = 0.1
 
 
 @dataclass
 class SupervisorConfig:
+    """`supervisor.json`: everything the detached supervisor needs, written once by submit."""
+
     job_id: str
     spec_path: str
-    placement: dict
+    placement: Placement
     python: str = sys.executable
     env: dict = field(default_factory=dict)
     restart_seconds: float = 3.0
@@ -57,25 +60,12 @@ class SupervisorConfig:
 
     @classmethod
     def load(cls, run_dir: Path) -> "SupervisorConfig":
-        return cls(**json.loads((run_dir / CONFIG_FILE).read_text()))
+        raw = json.loads((run_dir / CONFIG_FILE).read_text())
+        return cls(**{**raw, "placement": Placement.from_json(raw["placement"])})
 
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Complete lines only: a line still being written (no newline yet) is not read."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    records = []
-    for line in text.split("\n")[:-1]:
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a torn line from a writer that was killed mid-write
-    return records
+    def save(self, run_dir: Path) -> None:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        (run_dir / CONFIG_FILE).write_text(json.dumps({**values, "placement": self.placement.to_json()}, indent=2))
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -92,37 +82,19 @@ class EventTail:
     def __init__(self, path: Path):
         self.path = path
         self.offset = 0
-        self.partial = ""
 
     def new_events(self) -> list[dict]:
-        try:
-            with open(self.path) as f:
-                f.seek(self.offset)
-                chunk = f.read()
-                self.offset = f.tell()
-        except FileNotFoundError:
-            return []
-        text = self.partial + chunk
-        lines = text.split("\n")
-        self.partial = lines.pop()
-        events = []
-        for line in lines:
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return events
+        lines, self.offset = read_new_lines(self.path, self.offset)
+        return [event for _, raw in lines if (event := parse_line(raw)) is not None]
 
 
-def _die_with_parent() -> None:
-    """In the recipe child: get SIGTERM (checkpoint and exit) if the supervisor dies, so a
-    killed supervisor never leaves an orphan training run burning money."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-    except OSError:
-        pass  # not Linux: the orphan is then found by poll ("supervisor died")
+def _die_with_parent_prefix() -> list[str]:
+    """A command prefix that makes the recipe get SIGTERM (checkpoint and exit) if the supervisor
+    dies, so a killed supervisor never leaves an orphan training run burning money. util-linux's
+    setpriv sets the parent-death signal in the child itself; where it is missing (not Linux)
+    an orphan is still found by poll ("supervisor died")."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
 
 
 def _last_line(path: Path, limit: int = 240) -> str:
@@ -184,15 +156,15 @@ class Supervisor:
 
     # --- one attempt ---------------------------------------------------------------------
     def _start(self, n: int) -> subprocess.Popen:
-        cmd = [self.cfg.python, "-m", "recipes.sft", self.cfg.spec_path,
+        cmd = [*_die_with_parent_prefix(), self.cfg.python, "-m", "recipes.sft", self.cfg.spec_path,
                "--run-dir", str(self.run_dir), "--attempt", str(n)]
         env = {**os.environ, **self.cfg.env, "SPOTUNE_ATTEMPT": str(n), "PYTHONUNBUFFERED": "1"}
         log = open(self.logs_dir / f"attempt-{n}.log", "ab")
         proc = subprocess.Popen(cmd, cwd=self.run_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                stdin=subprocess.DEVNULL)
         log.close()
         append_jsonl(self.attempts_path, {"record": "start", "attempt": n, "time": time.time(),
-                                          "pid": proc.pid, "placement": self.cfg.placement})
+                                          "pid": proc.pid, "placement": self.cfg.placement.to_json()})
         return proc
 
     def _watch(self, n: int, proc: subprocess.Popen, tail: EventTail) -> tuple[Optional[str], Optional[int]]:
@@ -204,9 +176,9 @@ class Supervisor:
             for ev in tail.new_events():
                 if ev.get("attempt") != n:
                     continue
-                if ev.get("event") == "start":
+                if ev.get("event") == START:
                     self.injections.arm(ev.get("resumed_from_step") or 0, ev.get("total_steps"))
-                elif ev.get("event") == "step" and sent is None and self.injections.due(int(ev.get("step", 0))):
+                elif ev.get("event") == STEP and sent is None and self.injections.due(int(ev.get("step", 0))):
                     sent_signal = signal.SIGKILL if self.cfg.hard else signal.SIGTERM
                     sent, sent_at = "preempt", time.time()
                     self.injections.left -= 1
@@ -244,7 +216,7 @@ class Supervisor:
 
     def _failure_message(self, n: int) -> str:
         errors = [e for e in read_jsonl(self.run_dir / EVENTS_FILE)
-                  if e.get("event") == "error" and e.get("attempt") == n]
+                  if e.get("event") == ERROR and e.get("attempt") == n]
         if errors:
             return str(errors[-1].get("message", ""))[:240]
         return _last_line(self.logs_dir / f"attempt-{n}.log") or "no output"
@@ -312,7 +284,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     run_dir = Path(argv[0]).resolve()
     try:
         supervisor = Supervisor(run_dir)
-    except (OSError, json.JSONDecodeError, TypeError) as e:
+    except (OSError, json.JSONDecodeError, TypeError, KeyError) as e:
         print(f"error: cannot read {run_dir / CONFIG_FILE}: {e}", file=sys.stderr)
         return 2
     try:

@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Optional
 
-from orchestrator.errors import UserError
+from contract.errors import UserError
 
 # PEFT's names for the seven linear projections of every layer ("all-linear" targets them all).
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

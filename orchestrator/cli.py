@@ -1,17 +1,36 @@
-"""`spotune`: the typer app. Commands live in orchestrator/commands/; this module wires them up
-and turns user errors into one line and exit code 2 (never a traceback)."""
+"""`spotune`: the typer app. Commands live in orchestrator/commands/; this module wires them up,
+puts the global options on Typer's context, and is the one place where user errors become one
+line and exit code 2 (never a traceback)."""
 from __future__ import annotations
 
-import functools
-import sys
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
+from contract.errors import UserError
 from orchestrator import __version__
-from orchestrator.errors import UserError
+from orchestrator.settings import GlobalOptions
+
+
+class _ErrorBoundary(TyperGroup):
+    """Every command runs inside `invoke`: a UserError from any of them (or from the root callback)
+    is `error: <message>` on stderr and its exit code (2), under the console script and under
+    CliRunner alike; Ctrl-C that no command handles is `interrupted`, exit 130."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
 
 app = typer.Typer(
+    cls=_ErrorBoundary,
     name="spotune",
     help="Fine-tune language models at the lowest real cost: plan, launch, resume after preemption, audit spend.",
     no_args_is_help=True,
@@ -20,58 +39,35 @@ app = typer.Typer(
 )
 
 
-class Globals:
-    state_dir: Optional[str] = None
-    db: Optional[str] = None
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"spotune {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     state_dir: Optional[str] = typer.Option(None, "--state-dir", help="State directory (default $SPOTUNE_STATE_DIR or ./state)."),
     db: Optional[str] = typer.Option(None, "--db", help="Ledger database URL (default $SPOTUNE_DB or SQLite in the state dir)."),
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
 ) -> None:
-    if version:
-        typer.echo(f"spotune {__version__}")
-        raise typer.Exit()
-    Globals.state_dir = state_dir
-    Globals.db = db
-
-
-def _one_line_user_errors(callback):
-    """A UserError from any command is one line on stderr and exit 2, also under CliRunner."""
-
-    @functools.wraps(callback)
-    def wrapper(*args, **kwargs):
-        try:
-            return callback(*args, **kwargs)
-        except UserError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(e.exit_code) from None
-
-    return wrapper
+    # Commands read these back with orchestrator.settings.global_options().
+    ctx.obj = GlobalOptions(state_dir=state_dir, db=db)
 
 
 def _register_all() -> None:
     from orchestrator.commands import register_all
 
     register_all(app)
-    for command in app.registered_commands:
-        command.callback = _one_line_user_errors(command.callback)
 
 
 _register_all()
 
 
 def main() -> None:
-    try:
-        app()
-    except UserError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+    app()
 
 
 if __name__ == "__main__":

@@ -1,35 +1,27 @@
 """Job lifecycle up to submission: choose a backend, plan for it, record the estimate, submit.
 
 Watching a submitted job (ticks, the budget guard, re-attach, cancel) is `orchestrator/watch.py`.
+Backends are reached only through `contract.backend`: this module asks a backend how it is
+priced and what it runs on, and never which backend it is.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib
-import inspect
 import re
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from orchestrator.errors import UserError
+from contract import backend as backends
+from contract.backend import Backend, BackendError, LaunchRequest
+from contract.errors import UserError
 
 if TYPE_CHECKING:
-    from launch.base import Backend, Placement
+    from contract.placement import Placement
+    from contract.spec import JobSpec
     from orchestrator.ledger import Ledger
     from orchestrator.quote import Option, Plan
-    from orchestrator.spec import JobSpec
-
-# Looked up by name, imported only when used: `spotune --help` must not import sky or ray.
-BACKENDS = {
-    "local": ("launch.local", "LocalBackend"),
-    "skypilot": ("launch.skypilot", "SkyPilotBackend"),
-    "ray": ("launch.ray", "RayBackend"),
-}
-LOCAL_ONLY_OPTIONS = ("simulate_preemptions", "hard", "seed", "restart_seconds")
-# A backend may say how often it is worth polling (a cloud API: seconds, not a local file read).
-DEFAULT_POLL_SECONDS = 1.0
 
 
 class JobError(UserError):
@@ -40,35 +32,18 @@ class JobError(UserError):
 def backend_errors(job_id: str):
     """A backend that cannot answer (run dir gone, cloud API down) is one line, not a traceback;
     the job itself is not touched, so `spotune resume` can try again."""
-    from launch.base import BackendError
-
     try:
         yield
     except BackendError as e:
         raise JobError(f"{job_id}: {e}") from None
 
 
-# --- backends ---------------------------------------------------------------------------------
-
-def make_backend(name: str, state_dir: Optional[Path] = None, **options) -> "Backend":
-    """The backend called `name`; remote backends keep their run copies under STATE/runs."""
-    if name not in BACKENDS:
-        raise JobError(f"unknown backend {name!r} (choose one of: {', '.join(BACKENDS)})")
-    if name != "local":
-        given = [k for k in LOCAL_ONLY_OPTIONS if options.get(k)]
-        if given:
-            flag = "--" + given[0].replace("_", "-")
-            raise JobError(f"{flag} only applies to --backend local")
-        options = {k: v for k, v in options.items() if k not in LOCAL_ONLY_OPTIONS}
-    module_name, class_name = BACKENDS[name]
+def make_backend(name: str, state_dir: Path, **options) -> Backend:
+    """The backend called `name`, given only the options the user set."""
     try:
-        module = importlib.import_module(module_name)
-        backend_class = getattr(module, class_name)
-    except (ImportError, AttributeError) as e:
-        raise JobError(f"backend {name!r} is not available here: {e}") from None
-    if state_dir is not None and "runs_dir" in inspect.signature(backend_class).parameters:
-        options["runs_dir"] = Path(state_dir) / "runs"
-    return backend_class(**options)
+        return backends.make_backend(name, state_dir, **options)
+    except BackendError as e:
+        raise JobError(str(e)) from None
 
 
 # --- planning ---------------------------------------------------------------------------------
@@ -87,37 +62,34 @@ def canonical_gpu_name(reported: str, vram_gib: Optional[float] = None) -> str:
     return reported.removeprefix("NVIDIA ").strip()
 
 
-def local_device(spec: "JobSpec") -> tuple[str, int, Optional[float]]:
-    """(gpu, count, GiB per GPU) of this machine as the planner names them; ('CPU', 1, None)
-    without a GPU. `local.gpu` in the spec overrides the name nvidia-smi reports."""
-    from launch.local import detect_gpu
-
-    name, count, gib = detect_gpu()
+def hourly_device(spec: "JobSpec", backend: Backend) -> tuple[str, int, Optional[float]]:
+    """(gpu, count, GiB per GPU) an hourly-priced backend runs on, as the planner names them;
+    ('CPU', 1, None) without a GPU. `local.gpu` in the spec overrides the reported name."""
+    report = backend.device()
     if spec.local.gpu:
-        return spec.local.gpu, max(count, 1), gib
-    if name is None:
+        return spec.local.gpu, max(report.count, 1), report.vram_gib
+    if report.gpu is None:
         return "CPU", 1, None
-    return canonical_gpu_name(name, gib), count, gib
+    return canonical_gpu_name(report.gpu, report.vram_gib), report.count, report.vram_gib
 
 
-def local_price(spec: "JobSpec", price_per_hour: Optional[float]) -> Decimal:
+def hourly_price(spec: "JobSpec", price_per_hour: Optional[float]) -> Decimal:
     price = spec.local.price_per_hour if price_per_hour is None else price_per_hour
     if price < 0:
         raise JobError("--price-per-hour must be 0 or more")
     return Decimal(str(price))
 
 
-def make_job_plan(spec: "JobSpec", backend_name: str, price_per_hour: Optional[float] = None) -> "Plan":
+def make_job_plan(spec: "JobSpec", backend: Backend, price_per_hour: Optional[float] = None) -> "Plan":
+    """The plan for running `spec` on `backend`: its own hardware at an hourly rate, or the catalog."""
     from orchestrator import planner
 
-    if backend_name == "local":
-        gpu, count, gib = local_device(spec)
-        return planner.plan_local(spec, gpu, count, local_price(spec, price_per_hour), vram_gb=gib)
-    if backend_name == "ray":
-        # A Ray cluster is hardware you already have: priced at its hourly rate, not the cloud catalog.
-        return planner.plan_local(spec, spec.local.gpu or "CPU", 1, local_price(spec, price_per_hour))
+    if backend.pricing == "hourly":
+        gpu, count, gib = hourly_device(spec, backend)
+        return planner.plan_local(spec, gpu, count, hourly_price(spec, price_per_hour), vram_gb=gib)
     if price_per_hour is not None:
-        raise JobError("--price-per-hour applies to --backend local or ray (cloud prices come from the catalog)")
+        raise JobError(f"--price-per-hour applies to backends you pay by the hour (local, ray); "
+                       f"{backend.name} prices come from the catalog")
     from orchestrator.catalog import load_managed_prices, load_offers
 
     return planner.make_plan(spec, load_offers(), load_managed_prices())
@@ -135,18 +107,22 @@ def choose_option(plan: "Plan", rank: Optional[int]) -> "Option":
     raise JobError(f"no option {rank} in the plan (options 1..{len(plan.options)})")
 
 
-def placement_of(option: "Option") -> "Placement":
-    from launch.base import Placement
-
-    o = option.offer
-    return Placement(provider=o.provider, region=o.region, gpu=o.gpu, gpu_count=o.gpu_count, spot=option.spot,
-                     price_per_hour=Decimal(str(option.price_per_hour)), instance_type=o.instance_type)
-
-
-def placements_for(plan: "Plan", chosen: "Option") -> tuple:
+def placements_for(plan: "Plan", chosen: "Option") -> tuple["Placement", ...]:
     """The chosen option first, then the rest in rank order: where a backend may fall back to."""
     rest = [o for o in plan.options if o.rank != chosen.rank]
-    return tuple(placement_of(o) for o in [chosen, *rest])
+    return tuple(o.placement for o in [chosen, *rest])
+
+
+def launch_request(job_id: str, spec: "JobSpec", plan: "Plan", chosen: "Option", state_dir: Path) -> LaunchRequest:
+    return LaunchRequest(job_id=job_id, spec=spec, node_spec=spec.node_spec(),
+                         run_dir=(Path(state_dir) / "runs" / job_id).resolve(),
+                         placements=placements_for(plan, chosen), env={"SPOTUNE_JOB_ID": job_id})
+
+
+def dry_run(spec: "JobSpec", backend: Backend, plan: "Plan", chosen: "Option", state_dir: Path) -> str:
+    """What submit would do, in the backend's words; writes nothing."""
+    with backend_errors(f"{spec.name} (dry run)"):
+        return backend.describe(launch_request(f"{spec.name}-dry-run", spec, plan, chosen, state_dir))
 
 
 # --- launch -----------------------------------------------------------------------------------
@@ -160,20 +136,16 @@ class Submitted:
     chosen: "Option"
 
 
-def submit_job(ledger: "Ledger", spec_path: Path, spec: "JobSpec", backend: "Backend", plan: "Plan",
+def submit_job(ledger: "Ledger", spec_path: Path, spec: "JobSpec", backend: Backend, plan: "Plan",
                chosen: "Option", state_dir: Path) -> Submitted:
     """Record the job with its estimate, then submit it. A submit that fails leaves the job
     recorded as failed with the backend's reason, never as pending forever."""
-    from launch.base import BackendError, LaunchRequest
-
     job_id = ledger.create_job(spec, Path(spec_path).read_text(), backend.name, plan, chosen.rank)
-    run_dir = (Path(state_dir) / "runs" / job_id).resolve()
-    request = LaunchRequest(job_id=job_id, spec_path=Path(spec_path).resolve(), run_dir=run_dir,
-                            placements=placements_for(plan, chosen), env={"SPOTUNE_JOB_ID": job_id})
+    request = launch_request(job_id, spec, plan, chosen, state_dir)
     try:
         external_id = backend.submit(request)
     except BackendError as e:
         ledger.set_status(job_id, "failed", f"submit failed: {e}")
         raise JobError(f"{job_id}: submit to {backend.name} failed: {e}") from None
     ledger.set_external_id(job_id, external_id)
-    return Submitted(job_id, external_id, run_dir, plan, chosen)
+    return Submitted(job_id, external_id, request.run_dir, plan, chosen)

@@ -20,20 +20,20 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session
 
-from orchestrator.errors import UserError
+from contract.errors import UserError
 from orchestrator.ledger_events import events_to_rows, insert_ignore, read_new_lines
 from orchestrator.ledger_tables import (JOB_STATUSES, Attempt, AttemptRecord, Checkpoint, CheckpointRecord, Estimate,
-                                        EstimateRecord, EventCursor, Job, JobRecord, ProgressSample, RunEvent,
-                                        RunEventRecord, SampleRecord)
+                                        EstimateRecord, EventCursor, Job, JobRecord, LatestProgress, ProgressSample,
+                                        RunEvent, RunEventRecord, SampleRecord)
 from orchestrator.redact import redact
 
 if TYPE_CHECKING:
-    from launch.base import ObservedAttempt
+    from contract.backend import ObservedAttempt
     from orchestrator.quote import Plan
-    from orchestrator.spec import JobSpec
+    from contract.spec import JobSpec
 
 __all__ = ["Ledger", "LedgerError", "JobRecord", "EstimateRecord", "AttemptRecord", "CheckpointRecord",
-           "SampleRecord", "RunEventRecord", "JOB_STATUSES", "redact"]
+           "SampleRecord", "RunEventRecord", "LatestProgress", "JOB_STATUSES", "redact"]
 
 BUSY_TIMEOUT_SECONDS = 60
 
@@ -162,12 +162,9 @@ class Ledger:
                       budget=None if budget is None else Decimal(str(budget)), external_id=None,
                       failure_reason=None, created_at=now, updated_at=now))
             s.flush()
-            offer = chosen.offer
             s.add(Estimate(job_id=job_id, plan_json=json.dumps(plan.to_json(), sort_keys=True),
                            chosen_rank=chosen.rank, catalog_snapshot=plan.catalog_snapshot,
-                           provider=offer.provider, region=offer.region, instance_type=offer.instance_type,
-                           gpu=offer.gpu, gpu_count=offer.gpu_count, spot=chosen.spot,
-                           price_per_hour=chosen.price_per_hour, tokens_per_second=float(chosen.tokens_per_second),
+                           **chosen.placement.columns(), tokens_per_second=float(chosen.tokens_per_second),
                            hours=float(chosen.hours), preemption_overhead_hours=float(chosen.preemption_overhead_hours),
                            expected_cost=chosen.expected_cost, total_tokens=int(plan.total_tokens),
                            created_at=now))
@@ -228,10 +225,7 @@ class Ledger:
     def upsert_attempt(self, job_id: str, observed: "ObservedAttempt") -> None:
         """Insert attempt (job, n) or update it; end fields are filled in when they appear and
         never erased by a later observation that lacks them."""
-        p = observed.placement
-        placement = {"provider": p.provider, "region": p.region, "instance_type": p.instance_type, "gpu": p.gpu,
-                     "gpu_count": p.gpu_count, "spot": p.spot, "price_per_hour": p.price_per_hour,
-                     "started_at": observed.started_at}
+        placement = {**observed.placement.columns(), "started_at": observed.started_at}
         late = {"ended_at": observed.ended_at, "end_reason": observed.end_reason,
                 "external_id": observed.external_id,
                 "detail": None if observed.detail is None else redact(observed.detail)}
@@ -294,13 +288,18 @@ class Ledger:
             attempt = s.scalars(select(Attempt).where(Attempt.job_id == job_id, Attempt.n == n)).one_or_none()
             if attempt is None:
                 continue  # events arrived before the backend reported the attempt; upsert calls back
+            # Runs on every ingest (every watch tick): each read below is an index seek, never a scan.
             start = s.scalars(select(RunEvent).where(RunEvent.job_id == job_id, RunEvent.attempt == n,
-                                                     RunEvent.event == "start").order_by(RunEvent.offset.desc())).first()
+                                                     RunEvent.event == "start").order_by(RunEvent.offset.desc()).limit(1)).first()
             resumed = json.loads(start.payload).get("resumed_from_step") if start is not None else None
             finished = s.scalars(select(RunEvent).where(RunEvent.job_id == job_id, RunEvent.attempt == n,
-                                                        RunEvent.event == "finished")).first()
+                                                        RunEvent.event == "finished").limit(1)).first()
+            # max(tokens), spelled as ORDER BY ... LIMIT 1: PostgreSQL then seeks the index even
+            # before it has statistics on a fast-growing table (an aggregate would read the range).
             end_tokens = finished.tokens if finished is not None and finished.tokens is not None else \
-                s.scalar(select(func.max(ProgressSample.tokens)).where(ProgressSample.job_id == job_id, ProgressSample.attempt == n))
+                s.scalar(select(ProgressSample.tokens).where(ProgressSample.job_id == job_id, ProgressSample.attempt == n,
+                                                             ProgressSample.tokens.is_not(None))
+                         .order_by(ProgressSample.tokens.desc()).limit(1))
             attempt.resumed_from_step = resumed
             attempt.tokens = None if end_tokens is None else max(0, end_tokens - _tokens_at_resume(s, job_id, n, resumed))
 
@@ -315,8 +314,32 @@ class Ledger:
     def samples(self, job_id: str) -> list[SampleRecord]:
         return self._rows(SampleRecord, ProgressSample, job_id, ProgressSample.attempt, ProgressSample.step)
 
+    def latest_progress(self, job_id: str, window: int) -> LatestProgress:
+        """The latest sample, the nonzero tokens/s of its attempt's latest `window` samples, the latest
+        `start` and the attempts that logged one. Each is an indexed ORDER BY ... LIMIT read, so a
+        watch tick costs the same at step 100 and at step 100,000."""
+        sample_columns = [getattr(ProgressSample, name) for name in SampleRecord.__dataclass_fields__]
+        with self._read() as s:  # one read transaction: the four answers agree with each other
+            row = s.execute(select(*sample_columns).where(ProgressSample.job_id == job_id)
+                            .order_by(ProgressSample.attempt.desc(), ProgressSample.step.desc()).limit(1)).first()
+            sample = None if row is None else SampleRecord(*row)
+            rates: tuple[float, ...] = ()
+            if sample is not None:
+                newest_first = s.scalars(select(ProgressSample.tokens_per_second).where(
+                    ProgressSample.job_id == job_id, ProgressSample.attempt == sample.attempt,
+                    ProgressSample.tokens_per_second.is_not(None), ProgressSample.tokens_per_second != 0)
+                    .order_by(ProgressSample.step.desc()).limit(window)).all()
+                rates = tuple(reversed(newest_first))
+            start = s.scalars(select(RunEvent).where(RunEvent.job_id == job_id, RunEvent.event == "start")
+                              .order_by(RunEvent.offset.desc()).limit(1)).first()
+            started = frozenset(s.scalars(select(RunEvent.attempt).distinct().where(
+                RunEvent.job_id == job_id, RunEvent.event == "start")).all())
+            start_record = None if start is None else _record(RunEventRecord, start, payload=json.loads(start.payload))
+            return LatestProgress(sample=sample, recent_tokens_per_second=rates, start=start_record,
+                                  started_attempts=started)
+
     def _rows(self, record, model, job_id: str, *order_by) -> list:
-        # Column rows, not ORM objects: a long job has tens of thousands of samples, read every tick.
+        # Column rows, not ORM objects: a long job has tens of thousands of samples (reconcile reads them all).
         columns = [getattr(model, name) for name in record.__dataclass_fields__]
         query = select(*columns).where(model.job_id == job_id).order_by(*order_by)
         with self._read() as s:
@@ -335,13 +358,25 @@ def _tokens_at_resume(s: Session, job_id: str, n: int, resumed_from_step: Option
     sample (tokens grow linearly in steps with packed sequences)."""
     if not resumed_from_step:
         return 0
-    earlier = s.scalar(select(ProgressSample.tokens).where(
-        ProgressSample.job_id == job_id, ProgressSample.attempt < n, ProgressSample.step <= resumed_from_step,
-        ProgressSample.tokens.is_not(None)).order_by(ProgressSample.step.desc(), ProgressSample.attempt.desc()).limit(1))
-    if earlier is not None:
-        return earlier
+    # The latest sample at or before that step, ties to the later attempt, among earlier attempts:
+    # one seek per earlier attempt, newest first, so it costs the same however many steps each ran.
+    best: Optional[tuple[int, int]] = None  # (step, tokens)
+    earlier = n
+    while best is None or best[0] < resumed_from_step:
+        earlier = s.scalar(select(ProgressSample.attempt).where(
+            ProgressSample.job_id == job_id, ProgressSample.attempt < earlier).order_by(ProgressSample.attempt.desc()).limit(1))
+        if earlier is None:
+            break
+        row = s.execute(select(ProgressSample.step, ProgressSample.tokens).where(
+            ProgressSample.job_id == job_id, ProgressSample.attempt == earlier, ProgressSample.step <= resumed_from_step,
+            ProgressSample.tokens.is_not(None)).order_by(ProgressSample.step.desc()).limit(1)).first()
+        if row is not None and (best is None or row.step > best[0]):
+            best = (row.step, row.tokens)
+    if best is not None:
+        return best[1]
     first = s.scalars(select(ProgressSample).where(ProgressSample.job_id == job_id, ProgressSample.attempt == n,
-                                                   ProgressSample.tokens.is_not(None)).order_by(ProgressSample.step)).first()
+                                                   ProgressSample.tokens.is_not(None))
+                      .order_by(ProgressSample.step).limit(1)).first()
     if first is None or first.step <= 0:
         return 0
     return first.tokens * resumed_from_step // first.step

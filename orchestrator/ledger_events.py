@@ -10,9 +10,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
+from contract.events import CHECKPOINT, ERROR, RUN_EVENTS, START, STEP, parse_line, read_new_lines
 from orchestrator.redact import redact
-
-RUN_EVENTS = ("start", "preempted", "finished", "error")
 
 
 @dataclass
@@ -24,47 +23,22 @@ class EventRows:
     attempts: set[int] = field(default_factory=set)
 
 
-def read_new_lines(path: Path, start: int) -> tuple[list[tuple[int, bytes]], int]:
-    """Complete lines from byte `start` on, each with its offset, and where reading stopped.
-
-    A file shorter than `start` was replaced, not appended to: read it from the beginning (rows
-    are keyed so that re-reading is harmless)."""
+def _number(value, cast):
+    """`cast(value)`, or None for what the recipe would never write as a number (a bool, text)."""
+    if value is None or isinstance(value, bool):
+        return None
     try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return [], start
-    if size < start:
-        start = 0
-    with path.open("rb") as f:
-        f.seek(start)
-        data = f.read(size - start)
-    lines: list[tuple[int, bytes]] = []
-    pos = 0
-    while True:
-        nl = data.find(b"\n", pos)
-        if nl < 0:
-            break  # the rest is a line still being written
-        lines.append((start + pos, data[pos:nl]))
-        pos = nl + 1
-    return lines, start + pos
+        return cast(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def _int(value) -> Optional[int]:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
+    return _number(value, int)
 
 
 def _float(value) -> Optional[float]:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
+    return _number(value, float)
 
 
 def _time(value) -> Optional[datetime]:
@@ -84,27 +58,24 @@ def events_to_rows(job_id: str, lines: list[tuple[int, bytes]], base_dir: Path, 
     seen_samples: set[tuple[int, int]] = set()
     seen_checkpoints: set[tuple[int, int]] = set()
     for offset, raw in lines:
-        try:
-            ev = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        ev = parse_line(raw)
+        if ev is None:
             continue  # a torn line from a crash mid-write; the next line is intact
-        if not isinstance(ev, dict):
-            continue
         kind, when, attempt = ev.get("event"), _time(ev.get("time")), _int(ev.get("attempt"))
         if when is None or kind is None:
             continue
-        if kind == "start":
+        if kind == START:
             starts += 1
         attempt = max(attempt if attempt is not None and attempt >= 1 else 1, starts)
         step = _int(ev.get("step"))
-        if kind == "step":
+        if kind == STEP:
             if step is None or (attempt, step) in seen_samples:
                 continue
             seen_samples.add((attempt, step))
             rows.samples.append({"job_id": job_id, "attempt": attempt, "step": step, "tokens": _int(ev.get("tokens")),
                                  "loss": _float(ev.get("loss")), "lr": _float(ev.get("lr")),
                                  "tokens_per_second": _float(ev.get("tokens_per_second")), "time": when})
-        elif kind == "checkpoint":
+        elif kind == CHECKPOINT:
             path = str(ev.get("path") or "")
             if step is None or not path or (attempt, step) in seen_checkpoints:
                 continue
@@ -116,7 +87,7 @@ def events_to_rows(job_id: str, lines: list[tuple[int, bytes]], base_dir: Path, 
                                      # complete, so existing here means whole; remote paths stay unverified
                                      "verified": local.exists(), "time": when})
         elif kind in RUN_EVENTS:
-            if kind == "error" and isinstance(ev.get("message"), str):
+            if kind == ERROR and isinstance(ev.get("message"), str):
                 ev["message"] = redact(ev["message"])
             rows.run_events.append({"job_id": job_id, "offset": offset, "attempt": attempt, "event": kind,
                                     "step": step, "tokens": _int(ev.get("tokens")),

@@ -12,10 +12,12 @@ from datetime import datetime, timezone
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Optional
 
-from sqlalchemy import (BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, MetaData, Numeric, String,
-                        Text, UniqueConstraint)
+from sqlalchemy import (BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, MetaData, Numeric,
+                        String, Text, UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
+
+from contract.placement import Placement
 
 # Catalog prices carry up to 6 decimals (e.g. GCP's 0.41783 $/h); keep them exact.
 MONEY_SCALE = 6
@@ -178,10 +180,13 @@ class Checkpoint(Base):
 
 class ProgressSample(Base):
     __tablename__ = "progress_samples"
-    __table_args__ = (UniqueConstraint("job_id", "attempt", "step", name="uq_progress_samples_job_id_attempt_step"),)
+    # The unique key is also the index for "latest step of a job or attempt"; the tokens index
+    # makes an attempt's max(tokens) a seek. Both lead with job_id, so job_id needs no index of its own.
+    __table_args__ = (UniqueConstraint("job_id", "attempt", "step", name="uq_progress_samples_job_id_attempt_step"),
+                      Index("ix_progress_samples_job_id_attempt_tokens", "job_id", "attempt", "tokens"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     attempt: Mapped[int] = mapped_column(Integer)
     step: Mapped[int] = mapped_column(Integer)
     tokens: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)   # cumulative over the job
@@ -198,7 +203,9 @@ class RunEvent(Base):
     """
 
     __tablename__ = "run_events"
-    __table_args__ = (UniqueConstraint("job_id", "offset", name="uq_run_events_job_id_offset"),)
+    # (job_id, event, offset): the latest `start` and the attempts that logged one, by seek.
+    __table_args__ = (UniqueConstraint("job_id", "offset", name="uq_run_events_job_id_offset"),
+                      Index("ix_run_events_job_id_event_offset", "job_id", "event", "offset"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
@@ -248,6 +255,10 @@ class EstimateRecord:
         return self.hours + self.preemption_overhead_hours
 
     @property
+    def placement(self) -> Placement:
+        return Placement.of(self)
+
+    @property
     def plan(self) -> dict:
         return json.loads(self.plan_json)
 
@@ -288,6 +299,10 @@ class AttemptRecord:
     resumed_from_step: Optional[int]
     detail: Optional[str]
 
+    @property
+    def placement(self) -> Placement:
+        return Placement.of(self)
+
 
 @dataclass(frozen=True)
 class CheckpointRecord:
@@ -319,3 +334,13 @@ class RunEventRecord:
     tokens: Optional[int]
     time: datetime
     payload: dict
+
+
+@dataclass(frozen=True)
+class LatestProgress:
+    """The few rows a watch tick reads, however long the job has run (Ledger.latest_progress)."""
+
+    sample: Optional[SampleRecord]                 # the latest, by (attempt, step)
+    recent_tokens_per_second: tuple[float, ...]    # that attempt's latest nonzero rates, oldest first
+    start: Optional[RunEventRecord]                # the latest `start` event
+    started_attempts: frozenset[int]               # attempts whose recipe has logged `start`

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Iterable, Optional, Sequence
 
-from orchestrator.errors import UserError
+from contract.errors import UserError
 from orchestrator.estimate import Calibration, DeviceSpec, load_calibration
 from orchestrator.estimate.memory import BatchChoice, MemoryEstimate, choose_batch, estimate_memory
-from orchestrator.estimate.preemption import (checkpoint_bytes, checkpoint_interval_hours, checkpoint_writes,
-                                              preemption_overhead_hours)
+from orchestrator.estimate.preemption import (PreemptionOverhead, checkpoint_bytes, checkpoint_interval_hours,
+                                              checkpoint_writes, preemption_overhead_hours)
 from orchestrator.estimate.throughput import ThroughputEstimate, estimate_throughput
 from orchestrator.estimate.tokens import DatasetTokens, dataset_tokens, total_training_tokens
 from orchestrator.architectures import ModelArch, local_tokenizer_file, resolve_architecture
@@ -64,6 +64,37 @@ class Group:
         return self.checkpoints * self.checkpoint_seconds / 3600
 
 
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One spot or on-demand variant of an offer that meets every constraint. Costs are floats for
+    ranking; the few kept become Options, whose Decimal cost lines are exact."""
+
+    cost: float
+    expected_hours: float           # base_hours plus expected preemption overhead
+    offer: Offer
+    spot: bool
+    price: Decimal                  # $/h of this variant
+    group: Group
+    base_hours: float               # training + checkpoint writes + setup
+    preemption: Optional[PreemptionOverhead] = None    # spot only
+
+    @property
+    def preemption_hours(self) -> float:
+        return self.preemption.hours if self.preemption is not None else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedCandidate:
+    """One variant of an offer turned down, and why; cost and hours are None when it never got that far."""
+
+    reason: str
+    offer: Offer
+    spot: bool
+    cost: Optional[float]
+    hours: Optional[float]
+    group: Group
+
+
 def resolve_job(spec, dataset: Optional[DatasetTokens] = None) -> Job:
     arch = resolve_architecture(spec.model)
     if dataset is None:
@@ -104,8 +135,8 @@ def _amount(price: Decimal, hours: float) -> Decimal:
     return (price * Decimal(repr(hours))).quantize(Decimal("0.000001"))
 
 
-def _cost_lines(job: Job, g: Group, offer: Offer, spot: bool, price: Decimal, setup_hours: float,
-                preempt_hours: float, preempt: Optional[dict]) -> tuple[CostLine, ...]:
+def _cost_lines(job: Job, candidate: Candidate, setup_hours: float) -> tuple[CostLine, ...]:
+    g, price, preemption = candidate.group, candidate.price, candidate.preemption
     tp = g.throughput
     lines = [CostLine(
         "training", _amount(price, g.train_hours),
@@ -118,11 +149,11 @@ def _cost_lines(job: Job, g: Group, offer: Offer, spot: bool, price: Decimal, se
     if setup_hours:
         lines.append(CostLine("setup", _amount(price, setup_hours),
                               f"{setup_hours * 60:.0f} min (provision, install, download model) x ${price}/h"))
-    if spot:
+    if candidate.spot:
         lines.append(CostLine(
-            "preemption overhead (spot)", _amount(price, preempt_hours),
-            f"{preempt['rate_per_hour']:g}/h x {g.train_hours:.3f} h x ({g.interval_hours:.3f} h / 2 + "
-            f"{preempt['restart_hours']:.3f} h restart) = {preempt_hours:.3f} h x ${price}/h"))
+            "preemption overhead (spot)", _amount(price, preemption.hours),
+            f"{preemption.rate_per_hour:g}/h x {g.train_hours:.3f} h x ({g.interval_hours:.3f} h / 2 + "
+            f"{preemption.restart_hours:.3f} h restart) = {preemption.hours:.3f} h x ${price}/h"))
     return tuple(lines)
 
 
@@ -157,11 +188,12 @@ def _where(offer: Offer, spot: bool) -> str:
     return f"{offer.gpu_count}x {offer.gpu} {offer.provider} {offer.region} {'spot' if spot else 'on-demand'}"
 
 
-def _evaluate(job: Job, offers: Iterable[Offer], cal: Calibration, *, setup_hours: float, device_of) -> tuple[list, list]:
-    """(feasible, rejected) entries for offers already filtered by gpus/providers/regions/max_gpus.
+def _evaluate(job: Job, offers: Iterable[Offer], cal: Calibration, *, setup_hours: float,
+              device_of) -> tuple[list[Candidate], list[RejectedCandidate]]:
+    """(feasible, rejected) variants of offers already filtered by gpus/providers/regions/max_gpus.
 
-    Entries are plain tuples (this loop runs once per offer variant); Options and Rejected are
-    built afterwards for the few that are kept. Rejected: (reason, offer, spot, cost, hours, group)."""
+    Options and Rejected (with their Decimal lines and detail text) are built afterwards, only for
+    the few that are kept: this loop runs once per offer variant."""
     c = job.spec.constraints
     allow_on_demand, allow_spot = c.spot != "always", c.spot != "never"
     deadline, budget = c.deadline_hours, c.budget
@@ -172,23 +204,23 @@ def _evaluate(job: Job, offers: Iterable[Offer], cal: Calibration, *, setup_hour
     add_feasible, add_rejected = feasible.append, rejected.append
 
     def consider(offer: Offer, spot: bool, price: Decimal, key, g: Group, base_hours: float) -> None:
-        preempt_hours, preempt = 0.0, None
+        expected_hours, preemption = base_hours, None
         if spot:
             pkey = (key, offer.provider)
-            found = preempt_cache.get(pkey)
-            if found is None:
-                found = preempt_cache[pkey] = preemption_overhead_hours(offer.provider, g.train_hours, g.interval_hours, cal)
-            preempt_hours, preempt = found
-        expected_hours = base_hours + preempt_hours
+            preemption = preempt_cache.get(pkey)
+            if preemption is None:
+                preemption = preempt_cache[pkey] = preemption_overhead_hours(
+                    offer.provider, g.train_hours, g.interval_hours, cal)
+            expected_hours = base_hours + preemption.hours
         cost = float(price) * expected_hours
         if max_price is not None and price > max_price:
-            add_rejected(("over_max_price", offer, spot, cost, expected_hours, g))
+            add_rejected(RejectedCandidate("over_max_price", offer, spot, cost, expected_hours, g))
         elif deadline is not None and expected_hours > deadline:
-            add_rejected(("misses_deadline", offer, spot, cost, expected_hours, g))
+            add_rejected(RejectedCandidate("misses_deadline", offer, spot, cost, expected_hours, g))
         elif budget is not None and cost > budget:
-            add_rejected(("over_budget", offer, spot, cost, expected_hours, g))
+            add_rejected(RejectedCandidate("over_budget", offer, spot, cost, expected_hours, g))
         else:
-            add_feasible((cost, expected_hours, offer, spot, price, g, base_hours, preempt_hours, preempt))
+            add_feasible(Candidate(cost, expected_hours, offer, spot, price, g, base_hours, preemption))
 
     for offer in offers:
         on_demand, spot_price = offer.price_on_demand, offer.price_spot
@@ -205,9 +237,9 @@ def _evaluate(job: Job, offers: Iterable[Offer], cal: Calibration, *, setup_hour
         if g.choice is None:
             reason = "unknown_gpu" if g.device is None else "does_not_fit_memory"
             if has_on_demand:
-                add_rejected((reason, offer, False, None, None, g))
+                add_rejected(RejectedCandidate(reason, offer, False, None, None, g))
             if has_spot:
-                add_rejected((reason, offer, True, None, None, g))
+                add_rejected(RejectedCandidate(reason, offer, True, None, None, g))
             continue
         base_hours = g.train_hours + g.checkpoint_hours + setup_hours
         if has_on_demand:
@@ -217,45 +249,48 @@ def _evaluate(job: Job, offers: Iterable[Offer], cal: Calibration, *, setup_hour
     return feasible, rejected
 
 
-def _reject_detail(reason: str, offer: Offer, spot: bool, cost, hours, g: Group, c) -> str:
-    if reason == "unknown_gpu":
+def _reject_detail(miss: RejectedCandidate, c) -> str:
+    offer = miss.offer
+    if miss.reason == "unknown_gpu":
         return f"no peak TFLOP/s for GPU '{offer.gpu}' in the GPU table"
-    if reason == "does_not_fit_memory":
-        return _memory_detail(g, offer)
-    if reason == "over_max_price":
-        return f"${offer.price(spot)}/h is over max_price_per_hour ${c.max_price_per_hour:g}"
-    if reason == "misses_deadline":
-        return f"expected {hours:,.1f} h is over the {c.deadline_hours:g} h deadline"
-    return f"expected ${cost:,.2f} is over the ${c.budget:,.2f} budget"
+    if miss.reason == "does_not_fit_memory":
+        return _memory_detail(miss.group, offer)
+    if miss.reason == "over_max_price":
+        return f"${offer.price(miss.spot)}/h is over max_price_per_hour ${c.max_price_per_hour:g}"
+    if miss.reason == "misses_deadline":
+        return f"expected {miss.hours:,.1f} h is over the {c.deadline_hours:g} h deadline"
+    return f"expected ${miss.cost:,.2f} is over the ${c.budget:,.2f} budget"
 
 
-def _option(rank: int, job: Job, entry, setup_hours: float) -> Option:
-    cost, expected_hours, offer, spot, price, g, hours, preempt_hours, preempt = entry
-    lines = _cost_lines(job, g, offer, spot, price, setup_hours, preempt_hours, preempt)
-    return Option(rank=rank, offer=offer, spot=spot, price_per_hour=price, micro_batch=g.choice.micro_batch,
+def _option(rank: int, job: Job, candidate: Candidate, setup_hours: float) -> Option:
+    g = candidate.group
+    lines = _cost_lines(job, candidate, setup_hours)
+    return Option(rank=rank, offer=candidate.offer, spot=candidate.spot, price_per_hour=candidate.price,
+                  micro_batch=g.choice.micro_batch,
                   grad_accum=g.grad_accum, gradient_checkpointing=g.choice.gradient_checkpointing,
                   tokens_per_second=g.throughput.tokens_per_second, memory_gb_per_gpu=g.choice.memory.total_gib,
-                  hours=hours, preemption_overhead_hours=preempt_hours,
+                  hours=candidate.base_hours, preemption_overhead_hours=candidate.preemption_hours,
                   expected_cost=sum((line.amount for line in lines), Decimal(0)), lines=lines)
 
 
-def _rejected(entries: list, c) -> tuple[tuple[Rejected, ...], dict]:
+def _rejected(misses: list[RejectedCandidate], c) -> tuple[tuple[Rejected, ...], dict]:
     """The cheapest few rejections per reason (all counted), cheapest first."""
-    by_reason: dict = {}
-    for e in entries:
-        by_reason.setdefault(e[0], []).append(e)
+    by_reason: dict[str, list[RejectedCandidate]] = {}
+    for miss in misses:
+        by_reason.setdefault(miss.reason, []).append(miss)
     kept = []
-    for reason, items in by_reason.items():
-        cheapest = heapq.nsmallest(KEEP_REJECTED_PER_REASON, items,
-                                   key=lambda e: (e[3] if e[3] is not None else math.inf, e[1].price(e[2]) or 0))
-        for reason_, offer, spot, cost, hours, g in cheapest:
-            kept.append(Rejected(offer, spot, reason_, _reject_detail(reason_, offer, spot, cost, hours, g, c),
-                                 None if cost is None else Decimal(repr(round(cost, 6)))))
+    for items in by_reason.values():
+        cheapest = heapq.nsmallest(
+            KEEP_REJECTED_PER_REASON, items,
+            key=lambda m: (m.cost if m.cost is not None else math.inf, m.offer.price(m.spot) or 0))
+        for miss in cheapest:
+            kept.append(Rejected(miss.offer, miss.spot, miss.reason, _reject_detail(miss, c),
+                                 None if miss.cost is None else Decimal(repr(round(miss.cost, 6)))))
     kept.sort(key=lambda r: (r.expected_cost is None, r.expected_cost or 0, r.offer.price(r.spot) or 0))
     return tuple(kept), {reason: len(items) for reason, items in sorted(by_reason.items())}
 
 
-def _closest_miss(job: Job, entries: list, offers_seen: int, cal: Calibration) -> str:
+def _closest_miss(job: Job, misses: list[RejectedCandidate], offers_seen: int, cal: Calibration) -> str:
     c = job.spec.constraints
     if not offers_seen:
         parts = [f"{k} {v}" for k, v in (("gpus", c.gpus), ("providers", c.providers), ("regions", c.regions)) if v]
@@ -263,22 +298,21 @@ def _closest_miss(job: Job, entries: list, offers_seen: int, cal: Calibration) -
         return f"no offer matches the constraints ({'; '.join(parts)})"
     # The later a check, the closer the miss: budget failures passed memory, price and deadline.
     for reason in ("over_budget", "misses_deadline", "over_max_price"):
-        items = [e for e in entries if e[0] == reason]
+        items = [m for m in misses if m.reason == reason]
         if items:
-            best = min(items, key=lambda e: e[4] if reason == "misses_deadline" else e[3])
-            detail = _reject_detail(reason, best[1], best[2], best[3], best[4], best[5], c)
-            return f"nothing satisfies the spec; closest miss: {_where(best[1], best[2])}: {detail}"
-    if any(e[0] == "does_not_fit_memory" for e in entries):
+            best = min(items, key=lambda m: m.hours if reason == "misses_deadline" else m.cost)
+            return f"nothing satisfies the spec; closest miss: {_where(best.offer, best.spot)}: {_reject_detail(best, c)}"
+    if any(m.reason == "does_not_fit_memory" for m in misses):
         arch, spec = job.arch, job.spec
         need = estimate_memory(arch, spec.method, seq_len=spec.seq_len, micro_batch=1, gradient_checkpointing=True,
                                gpu_count=1, cal=cal, lora_r=spec.lora.r, target_modules=spec.lora.target_modules,
                                lora_dropout=spec.lora.dropout)
-        largest = max((e[1] for e in entries if e[0] == "does_not_fit_memory"),
+        largest = max((m.offer for m in misses if m.reason == "does_not_fit_memory"),
                       key=lambda o: o.gpu_count * o.vram_gb_per_gpu)
         return (f"{spec.model} {spec.method} needs {need.total_gib:,.0f} GB across GPUs (micro-batch 1, gradient "
                 f"checkpointing); the largest allowed option has {largest.gpu_count * largest.vram_gb_per_gpu:,.0f} GB "
                 f"({largest.gpu_count}x {largest.gpu}, {largest.provider})")
-    gpus = sorted({e[1].gpu for e in entries})
+    gpus = sorted({m.offer.gpu for m in misses})
     return f"nothing satisfies the spec: no GPU figures for {', '.join(gpus)}"
 
 
@@ -296,12 +330,12 @@ def _device_resolver(cal: Calibration):
     return device_of
 
 
-def _build_plan(job: Job, feasible: list, rejected: list, managed: tuple, cal: Calibration, snapshot: str,
-                setup_hours: float, keep: int) -> Plan:
+def _build_plan(job: Job, feasible: list[Candidate], rejected: list[RejectedCandidate], managed: tuple,
+                cal: Calibration, snapshot: str, setup_hours: float, keep: int) -> Plan:
     # Only the kept few are fully sorted; ties on cost go to the shorter run, then by name.
-    top = heapq.nsmallest(keep, feasible, key=lambda e: (e[0], e[1]))
-    top.sort(key=lambda e: (e[0], e[1], e[2].provider, e[2].region, e[2].instance_type, e[3]))
-    options = tuple(_option(i + 1, job, e, setup_hours) for i, e in enumerate(top))
+    top = heapq.nsmallest(keep, feasible, key=lambda c: (c.cost, c.expected_hours))
+    top.sort(key=lambda c: (c.cost, c.expected_hours, c.offer.provider, c.offer.region, c.offer.instance_type, c.spot))
+    options = tuple(_option(i + 1, job, c, setup_hours) for i, c in enumerate(top))
     kept_rejected, counts = _rejected(rejected, job.spec.constraints)
     assumptions = {
         "dataset": {"examples": job.dataset.examples, "tokens_per_epoch": job.dataset.tokens, "counted": job.dataset.how,
@@ -326,7 +360,7 @@ def make_plan(spec, offers: Sequence[Offer], managed: Sequence = (), calibration
     and only for data.path). Raises NoFeasibleOption naming the closest miss when nothing fits."""
     cal = calibration or load_calibration()
     job = resolve_job(spec, dataset)
-    setup_hours = cal.overheads["setup_minutes"] / 60
+    setup_hours = cal.overheads.setup_minutes / 60
     offers = list(offers)
     allowed = [o for o in offers if _allowed(o, spec.constraints)]
     feasible, rejected = _evaluate(job, allowed, cal, setup_hours=setup_hours, device_of=_device_resolver(cal))
@@ -356,8 +390,8 @@ def plan_local(spec, gpu: str, gpu_count: int, price_per_hour, calibration: Opti
     if g.choice is None:
         raise NoFeasibleOption(f"does not fit this machine: {_memory_detail(g, offer)}")
     hours = g.train_hours + g.checkpoint_hours
-    entry = (float(price) * hours, hours, offer, False, price, g, hours, 0.0, None)
-    return _build_plan(job, [entry], [], (), cal, "local price", 0.0, 1)
+    candidate = Candidate(float(price) * hours, hours, offer, False, price, g, hours)
+    return _build_plan(job, [candidate], [], (), cal, "local price", 0.0, 1)
 
 
 def break_even_tokens(option: Option, quote: ManagedQuote, total_tokens: int, setup_hours: float) -> Optional[float]:

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Optional
 
+from contract.placement import Placement
+
 CENT = Decimal("0.01")
 
 
@@ -73,6 +75,12 @@ class Option:
     @property
     def expected_hours(self) -> float:
         return self.hours + self.preemption_overhead_hours
+
+    @property
+    def placement(self) -> Placement:
+        o = self.offer
+        return Placement(provider=o.provider, region=o.region, gpu=o.gpu, gpu_count=o.gpu_count, spot=self.spot,
+                         price_per_hour=self.price_per_hour, instance_type=o.instance_type)
 
     def to_json(self) -> dict:
         o = self.offer

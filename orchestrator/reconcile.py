@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from decimal import Decimal, localcontext
 from typing import TYPE_CHECKING, Optional, Sequence
 
+from orchestrator.format import per_hour, usd, usd_signed
 from orchestrator.quote import money
 
 if TYPE_CHECKING:
@@ -38,10 +39,25 @@ _US_PER_HOUR = Decimal(3_600_000_000)
 _PRECISION = 50  # digits: ample for exact sums of products of 6-decimal prices and µs-exact hours
 
 
-def _hours(start: datetime, end: datetime) -> Decimal:
+def _elapsed_hours(start: datetime, end: datetime) -> Decimal:
     delta = end - start
     micros = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
     return max(Decimal(0), Decimal(micros) / _US_PER_HOUR)
+
+
+def billed(a: "AttemptRecord", now: datetime) -> tuple[Decimal, Decimal]:
+    """An attempt's wall hours (an open one up to `now`) and their cost at its $/h, unrounded."""
+    hours = _elapsed_hours(a.started_at, a.ended_at or max(now, a.started_at))
+    return hours, hours * Decimal(a.price_per_hour)
+
+
+def spend(attempts: Sequence["AttemptRecord"], now: Optional[datetime] = None) -> Decimal:
+    """Actual cost so far, exact: what `reconcile` reports as actual_cost_exact. It needs the
+    attempts alone, so a watch tick or a table of every job can afford it."""
+    now = now or datetime.now(timezone.utc)
+    with localcontext() as ctx:
+        ctx.prec = _PRECISION
+        return sum((billed(a, now)[1] for a in attempts), Decimal(0))
 
 
 @dataclass(frozen=True)
@@ -96,23 +112,19 @@ class Reconciliation:
     def story(self) -> str:
         """The variance in one sentence a person can check against the tables."""
         pct = self.variance_percent
-        head = f"cost ${self.actual_cost:,.2f} vs ${self.estimate_cost:,.2f} estimated"
+        head = f"cost {usd(self.actual_cost)} vs {usd(self.estimate_cost)} estimated"
         head += f" ({pct:+.1f}%)" if pct is not None else ""
         if self.open:
             head = "so far " + head
-        price_why = ", ".join(sorted({f"${a.price_per_hour:,.4f}/h" for a in self.attempts})) or "no attempts"
+        price_why = ", ".join(sorted({per_hour(a.price_per_hour) for a in self.attempts})) or "no attempts"
         tps = f"{self.tokens_per_second:,.0f} tokens/s" if self.tokens_per_second is not None else "no throughput measured"
-        return (f"{head}: {_signed(self.price)} price (ran at {price_why} vs ${self.estimate_price_per_hour:,.4f}/h planned), "
-                f"{_signed(self.throughput)} throughput ({tps} vs {self.estimate_tokens_per_second:,.0f} planned; "
+        return (f"{head}: {usd_signed(self.price)} price (ran at {price_why} vs {per_hour(self.estimate_price_per_hour)} planned), "
+                f"{usd_signed(self.throughput)} throughput ({tps} vs {self.estimate_tokens_per_second:,.0f} planned; "
                 f"{float(self.productive_hours):.3f} h productive vs {self.estimate_compute_hours:.3f} h), "
-                f"{_signed(self.preemption)} preemption ({self.preemptions} preemption{'s' if self.preemptions != 1 else ''}, "
+                f"{usd_signed(self.preemption)} preemption ({self.preemptions} preemption{'s' if self.preemptions != 1 else ''}, "
                 f"{float(self.lost_hours):.3f} h lost vs {self.estimate_overhead_hours:.3f} h planned)"
                 + ("" if self.measured or not self.attempts else
                    "; no training events recorded, so time lost to preemption shows as throughput"))
-
-
-def _signed(amount: Decimal) -> str:
-    return f"{'-' if amount < 0 else '+'}${abs(amount):,.2f}"
 
 
 def reconcile(job: "JobRecord", attempts: Sequence["AttemptRecord"], checkpoints: Sequence["CheckpointRecord"],
@@ -130,7 +142,7 @@ def reconcile(job: "JobRecord", attempts: Sequence["AttemptRecord"], checkpoints
         p0 = Decimal(est.price_per_hour)
         o0 = Decimal(str(est.preemption_overhead_hours))  # throughput, the remainder, carries the planned hours
         estimate_exact = Decimal(est.expected_cost)
-        actual_exact = sum((c.cost for c in costs), Decimal(0))
+        actual_exact = spend(attempts, now)
         hours = sum((c.hours for c in costs), Decimal(0))
         lost = sum((c.lost_hours for c in costs), Decimal(0))
         price_exact = sum(((c.price_per_hour - p0) * c.hours for c in costs), Decimal(0))
@@ -158,10 +170,10 @@ def reconcile(job: "JobRecord", attempts: Sequence["AttemptRecord"], checkpoints
 def _attempt_cost(a: "AttemptRecord", is_first: bool, checkpoints, samples, now: datetime,
                   measured: bool) -> AttemptCost:
     end = a.ended_at or max(now, a.started_at)
-    hours = _hours(a.started_at, end)
+    hours, cost = billed(a, now)
     if not measured:
         return AttemptCost(n=a.n, price_per_hour=Decimal(a.price_per_hour), hours=hours,
-                           cost=hours * Decimal(a.price_per_hour), restart_hours=Decimal(0),
+                           cost=cost, restart_hours=Decimal(0),
                            rework_hours=Decimal(0), open=a.ended_at is None)
     # Events belong to the attempt whose billed window they fall in: that holds whatever attempt
     # number the recipe was told, and windows never overlap.
@@ -169,16 +181,16 @@ def _attempt_cost(a: "AttemptRecord", is_first: bool, checkpoints, samples, now:
     first_step = min(steps) if steps else None
     restart = Decimal(0)
     if not is_first:
-        restart = _hours(a.started_at, first_step or end)
+        restart = _elapsed_hours(a.started_at, first_step or end)
     rework = Decimal(0)
     if a.end_reason in INTERRUPTED:
         if first_step is None:
             rework = hours if is_first else Decimal(0)  # later attempts: already all restart
         else:
             saved = [c.time for c in checkpoints if first_step <= c.time <= end]
-            rework = _hours(max(saved) if saved else first_step, end)
+            rework = _elapsed_hours(max(saved) if saved else first_step, end)
     return AttemptCost(n=a.n, price_per_hour=Decimal(a.price_per_hour), hours=hours,
-                       cost=hours * Decimal(a.price_per_hour), restart_hours=restart, rework_hours=rework,
+                       cost=cost, restart_hours=restart, rework_hours=rework,
                        open=a.ended_at is None)
 
 

@@ -9,6 +9,10 @@ ledger alone (backend name + external id) and nothing is lost or counted twice.
 The budget guard runs on the same tick: spent so far (sum of attempt wall hours x price) plus the
 projected remaining cost (remaining tokens at the measured tokens/s x price) is compared with
 `constraints.budget`, and the job is stopped with a checkpoint before it would pass it.
+
+A tick's cost is flat in the length of the job: events are ingested from a stored byte offset, spend
+comes from the attempts alone (`reconcile.spend`, the very sum reconcile reports as actual), and progress
+from a few indexed reads of the latest rows (`Ledger.latest_progress`), never from every sample.
 """
 from __future__ import annotations
 
@@ -18,13 +22,15 @@ import time
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional
 
-from orchestrator.jobs import DEFAULT_POLL_SECONDS, JobError, backend_errors, make_backend
+from orchestrator.jobs import JobError, backend_errors, make_backend
 
 if TYPE_CHECKING:
-    from launch.base import Backend, Observation
-    from orchestrator.ledger import JobRecord, Ledger, RunEventRecord, SampleRecord
+    from datetime import datetime
+
+    from contract.backend import Backend, Observation
+    from orchestrator.ledger import JobRecord, LatestProgress, Ledger
 
 BACKEND_TERMINAL = ("succeeded", "failed", "cancelled")
 # Throughput for the budget projection: the median of the latest few step samples, so one slow
@@ -53,7 +59,7 @@ class Tick:
     progress: Progress
     spent: Decimal
     projected: Optional[Decimal]          # spent + remaining at measured throughput
-    backend_state: str = "pending"        # what the backend itself says (launch.base.JobState)
+    backend_state: str = "pending"        # what the backend itself says (contract.backend.JobState)
     detail: Optional[str] = None
 
     @property
@@ -63,18 +69,17 @@ class Tick:
         return self.job.status in TERMINAL_STATUSES
 
 
-def read_progress(samples: Sequence["SampleRecord"], run_events: Sequence["RunEventRecord"]) -> Progress:
-    starts = [e for e in run_events if e.event == "start"]
-    total_steps = starts[-1].payload.get("total_steps") if starts else None
-    total_tokens = starts[-1].payload.get("total_tokens") if starts else None
-    started = frozenset(e.attempt for e in starts)
-    if not samples:
-        return Progress(total_steps=total_steps, total_tokens=total_tokens, started_attempts=started)
-    latest = max(samples, key=lambda s: (s.attempt, s.step))
-    recent = [s.tokens_per_second for s in samples if s.attempt == latest.attempt and s.tokens_per_second]
-    tps = statistics.median(recent[-THROUGHPUT_WINDOW:]) if recent else None
-    return Progress(step=latest.step, total_steps=total_steps, tokens=latest.tokens, total_tokens=total_tokens,
-                    tokens_per_second=tps, loss=latest.loss, started_attempts=started)
+def read_progress(latest: "LatestProgress") -> Progress:
+    """Progress from the latest rows: totals from the latest `start`, step, tokens and loss from the
+    latest sample, tokens/s the median of its attempt's latest THROUGHPUT_WINDOW rates."""
+    totals = latest.start.payload if latest.start is not None else {}
+    progress = Progress(total_steps=totals.get("total_steps"), total_tokens=totals.get("total_tokens"),
+                        started_attempts=latest.started_attempts)
+    if latest.sample is None:
+        return progress
+    rates = latest.recent_tokens_per_second[-THROUGHPUT_WINDOW:]
+    return dataclasses.replace(progress, step=latest.sample.step, tokens=latest.sample.tokens, loss=latest.sample.loss,
+                               tokens_per_second=statistics.median(rates) if rates else None)
 
 
 def project_cost(spent: Decimal, progress: Progress, price_per_hour: Decimal) -> Optional[Decimal]:
@@ -94,7 +99,7 @@ class Watcher:
         self.job_id = job_id
         self.backend = backend
         self.external_id = external_id
-        self.poll_seconds = poll_seconds or getattr(backend, "poll_seconds", DEFAULT_POLL_SECONDS)
+        self.poll_seconds = poll_seconds or backend.poll_seconds
 
     def sync(self) -> "Observation":
         """One poll, written to the ledger. Safe to repeat and to run from several processes."""
@@ -120,15 +125,15 @@ class Watcher:
         if job.status != observation.state:
             self.ledger.set_status(self.job_id, observation.state, reason)
 
-    def tick(self) -> Tick:
-        from orchestrator.reconcile import reconcile
+    def tick(self, now: Optional["datetime"] = None) -> Tick:
+        """One sync, then spend and progress as of `now` (default: the moment after the sync)."""
+        from orchestrator.reconcile import spend
 
         observation = self.sync()
         job = self.ledger.get_job(self.job_id)
         attempts = self.ledger.attempts(self.job_id)
-        samples, run_events = self.ledger.samples(self.job_id), self.ledger.run_events(self.job_id)
-        spent = reconcile(job, attempts, self.ledger.checkpoints(self.job_id), samples, run_events).actual_cost_exact
-        progress = read_progress(samples, run_events)
+        spent = spend(attempts, now)
+        progress = read_progress(self.ledger.latest_progress(self.job_id, THROUGHPUT_WINDOW))
         price = Decimal(attempts[-1].price_per_hour) if attempts else job.estimate.price_per_hour
         projected = project_cost(spent, progress, price)
         if observation.state not in BACKEND_TERMINAL and job.status != "over_budget":
@@ -175,7 +180,11 @@ def attach(ledger: "Ledger", job_ref: str, backend: Optional["Backend"] = None,
     job = ledger.get_job(job_ref)
     if job.external_id is None:
         raise JobError(f"job {job.id} was never submitted to {job.backend} (status {job.status}); nothing to attach to")
-    return Watcher(ledger, job.id, backend or make_backend(job.backend, state_dir), job.external_id, poll_seconds)
+    if backend is None:
+        from orchestrator.settings import state_dir as default_state_dir
+
+        backend = make_backend(job.backend, state_dir or default_state_dir())
+    return Watcher(ledger, job.id, backend, job.external_id, poll_seconds)
 
 
 def cancel_job(ledger: "Ledger", job_ref: str, backend: Optional["Backend"] = None, graceful: bool = True,

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal, Optional
 
+from contract.errors import UserError
+
 log = logging.getLogger(__name__)
 
 Format = Literal["alpaca", "chat", "text"]
@@ -46,7 +48,7 @@ _CHAT_ROLES = ("system", "user", "assistant")
 _FALLBACK_HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Bad training data, worded as one line naming the file and, where it applies, the line."""
 
 
@@ -373,7 +375,7 @@ def pad_token_id(tokenizer) -> int:
 
 
 def build_datasets(cfg, tokenizer) -> tuple[list[dict[str, list[int]]], list[dict[str, list[int]]], DataStats]:
-    """From a TrainConfig: (train_blocks, val_blocks, stats). Raises DataError before any training starts."""
+    """From a JobSpec: (train_blocks, val_blocks, stats). Raises DataError before any training starts."""
     examples, stats = load_examples(cfg.data_path(), cfg.data.format, tokenizer, cfg.seq_len,
                                     cfg.data.completion_only_loss, cfg.data.on_bad_line)
     train, val = split_validation(examples, cfg.data.validation_fraction, cfg.train.seed)

@@ -1,6 +1,6 @@
 """The model side of the recipe: load for the method, LoRA/QLoRA, packed attention, chunked loss.
 
-Choices that the H100 anchors (/work/shared/anchors) make matter:
+Choices that the H100 anchors (docs/anchors/h100-naive-baseline.json) make matter:
 - QLoRA keeps norms, embeddings and lm_head in the compute dtype. peft's
   `prepare_model_for_kbit_training` upcasts them to fp32, which cost 2.3x throughput and 21%
   more memory on an 8B model; we only enable input gradients for gradient checkpointing.
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from recipes.config import ConfigError
+from contract.spec import SpecError
 from recipes.data import IGNORE_INDEX
 from recipes.tiny import local_model_path
 
@@ -52,12 +52,12 @@ def _probe_bitsandbytes(device: torch.device, dtype: torch.dtype) -> None:
         bnbf.dequantize_4bit(packed, state)
     except Exception as e:  # ImportError, missing native library, no kernel for this device
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"method 'qlora' needs bitsandbytes 4-bit kernels, which do not run on "
+        raise SpecError(f"method 'qlora' needs bitsandbytes 4-bit kernels, which do not run on "
                           f"{device.type} here ({detail}); use method 'lora' or a supported GPU") from None
 
 
-def _cannot_load(cfg, error: Exception) -> ConfigError:
-    return ConfigError(f"cannot load model '{cfg.model}': {' '.join(str(error).split())[:300]}")
+def _cannot_load(cfg, error: Exception) -> SpecError:
+    return SpecError(f"cannot load model '{cfg.model}': {' '.join(str(error).split())[:300]}")
 
 
 def load_tokenizer(cfg):
@@ -70,7 +70,7 @@ def load_tokenizer(cfg):
 
 
 def load_model(cfg, device: torch.device, dtype: torch.dtype, attention: str):
-    """The pretrained model for cfg.method; an unloadable model is a ConfigError naming it."""
+    """The pretrained model for cfg.method; an unloadable model is a SpecError naming it."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs = dict(dtype=dtype, attn_implementation=attention)
@@ -104,7 +104,7 @@ def apply_method(cfg, model, gradient_checkpointing: bool):
         peft_model = get_peft_model(model, lora)
     except ValueError as e:
         detail = " ".join(str(e).split())[:300]
-        raise ConfigError(f"field 'lora.target_modules': {detail}") from None
+        raise SpecError(f"field 'lora.target_modules': {detail}") from None
     if gradient_checkpointing:
         # Frozen embeddings give checkpointed blocks inputs without grad; adapters need them.
         peft_model.enable_input_require_grads()

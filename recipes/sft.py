@@ -19,7 +19,9 @@ import sys
 import traceback
 from pathlib import Path
 
-from recipes.events import EXIT_BAD_INPUT, EXIT_CRASH, EventLog, next_attempt
+from contract.errors import UserError
+from contract.events import ERROR, EVENTS_FILE, EXIT_BAD_INPUT, EXIT_CRASH, EventLog, next_attempt
+from contract.spec import load_spec
 
 
 class _OneLineArgumentParser(argparse.ArgumentParser):
@@ -72,27 +74,25 @@ def main(argv=None) -> int:
     preemption = Preemption()  # before the slow setup, so an early SIGTERM is not lost
     rank = int(os.environ.get("RANK", "0"))
     if args.attempt is None:
-        args.attempt = next_attempt(args.run_dir / "events.jsonl")
-    events = EventLog(args.run_dir / "events.jsonl", attempt=args.attempt, enabled=rank == 0)
+        args.attempt = next_attempt(args.run_dir / EVENTS_FILE)
+    events = EventLog(args.run_dir / EVENTS_FILE, attempt=args.attempt, enabled=rank == 0)
     try:
         _quiet_libraries()
-        from recipes.config import ConfigError, load_train_config
-        from recipes.data import DataError
         from recipes.trainer import Trainer
 
         try:
-            cfg = load_train_config(args.spec)
-            return Trainer(cfg, args, events, preemption).run()
-        except (ConfigError, DataError) as e:
+            spec = load_spec(args.spec, for_training=True)
+            return Trainer(spec, args, events, preemption).run()
+        except UserError as e:
             # Bad input (spec, data, model, method vs device): the exception carries the one line.
             message = " ".join(str(e).split())
             if rank == 0:
                 print(f"error: {message}", file=sys.stderr)
-            events.emit("error", message=message, kind="bad_input")
+            events.emit(ERROR, message=message, kind="bad_input")
             return EXIT_BAD_INPUT
     except Exception as e:  # a crash: keep the traceback for the logs, one summary in events
         traceback.print_exc()
-        events.emit("error", message=f"{type(e).__name__}: {e}"[:2000], kind="crash")
+        events.emit(ERROR, message=f"{type(e).__name__}: {e}"[:2000], kind="crash")
         return EXIT_CRASH
     finally:
         events.close()

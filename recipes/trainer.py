@@ -22,10 +22,10 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
 
+from contract.events import EXIT_FINISHED, EXIT_PREEMPTED
+from contract.spec import SpecError
 from recipes import checkpoint as ckpt
-from recipes.config import ConfigError
 from recipes.data import IGNORE_INDEX, build_datasets
-from recipes.events import EXIT_FINISHED, EXIT_PREEMPTED
 from recipes.modeling import (
     CausalLMLoss, apply_method, attention_implementation, compute_dtype, gradient_sync, load_model, load_tokenizer,
     plan_batch, wrap_distributed)
@@ -85,7 +85,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
         if cfg.batch.global_ % self.world_size:
-            raise ConfigError(f"field 'batch.global': {cfg.batch.global_} blocks do not split evenly over "
+            raise SpecError(f"field 'batch.global': {cfg.batch.global_} blocks do not split evenly over "
                               f"{self.world_size} GPUs")
         self.per_rank_blocks = cfg.batch.global_ // self.world_size
 
@@ -176,7 +176,7 @@ class Trainer:
             state = ckpt.load_checkpoint_file(path, "trainer_state.pt")
             if state["fingerprint"] != self._fingerprint():
                 changed = sorted(k for k, v in self._fingerprint().items() if state["fingerprint"].get(k) != v)
-                raise ConfigError(f"checkpoint {path} was made for a different job ({', '.join(changed)} changed); "
+                raise SpecError(f"checkpoint {path} was made for a different job ({', '.join(changed)} changed); "
                                   "use a new --run-dir or --checkpoint-dir")
         if self.world_size > 1:
             box = [state]

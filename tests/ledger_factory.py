@@ -1,4 +1,4 @@
-"""Builders shared by the ledger, reconcile and ledger CLI tests: real plan.py / launch.base objects."""
+"""Builders shared by the ledger, reconcile and ledger CLI tests: real quote.py / contract objects."""
 from __future__ import annotations
 
 import json
@@ -6,9 +6,10 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
-from launch.base import ObservedAttempt, Placement
+from contract.backend import ObservedAttempt
+from contract.placement import Placement
 from orchestrator.quote import Offer, Option, Plan
-from orchestrator.spec import parse_spec
+from contract.spec import parse_spec
 
 T0 = datetime(2026, 11, 20, 9, 0, tzinfo=timezone.utc)
 

@@ -3,12 +3,12 @@ import json
 
 import pytest
 
-from orchestrator.errors import UserError
+from contract.errors import UserError
 from orchestrator.architectures import LINEAR_MODULES, UnknownModelError, builtin_names, resolve_architecture
 
 
 def test_parameter_counts_match_the_anchor_models():
-    # The anchors' own counts (shared/anchors/h100-naive-baseline.json): 8.03e9 and 1.236e9.
+    # The anchors' own counts (docs/anchors/h100-naive-baseline.json): 8.03e9 and 1.236e9.
     assert resolve_architecture("meta-llama/Llama-3.1-8B").params == pytest.approx(8.03e9, rel=0.001)
     assert resolve_architecture("meta-llama/Llama-3.2-1B").params == pytest.approx(1.236e9, rel=0.001)
 

@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 from orchestrator import catalog
 from orchestrator.catalog.sky import SKY_HEADERS, read_sky_catalog, read_vms_csv
 from orchestrator.catalog.snapshot import snapshot_rows
-from orchestrator.errors import UserError
+from contract.errors import UserError
 
-FIXTURES = Path("/work/shared/catalog")
+FIXTURES = Path(__file__).parent / "fixtures" / "sky_catalog"   # SkyPilot catalog excerpts; provenance in README.md
 CLOUDS = ("aws", "gcp", "lambda", "nebius", "runpod", "vast", "verda")
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="needs the SkyPilot catalog excerpts")
 

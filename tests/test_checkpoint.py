@@ -134,7 +134,7 @@ def test_learning_rate_warms_up_then_decays_to_zero():
 
 
 def test_attempts_number_themselves_from_the_event_log_when_not_told(tmp_path):
-    from recipes.events import EventLog, next_attempt
+    from contract.events import EventLog, next_attempt
 
     log_path = tmp_path / "events.jsonl"
     assert next_attempt(log_path) == 1

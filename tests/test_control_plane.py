@@ -2,7 +2,7 @@
 import subprocess
 import sys
 
-HEAVY = ("torch", "sky", "transformers", "ray", "peft", "bitsandbytes")
+HEAVY = ("torch", "sky", "transformers", "ray", "peft", "bitsandbytes", "matplotlib")
 
 
 def imported_after(code: str) -> set[str]:

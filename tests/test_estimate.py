@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from orchestrator.catalog import gpu_specs
-from orchestrator.errors import UserError
+from contract.errors import UserError
 from orchestrator.estimate import (CALIBRATION_PATH, GIB, PREEMPTION_PATH, calibration_from_data, load_calibration)
 from orchestrator.estimate.memory import choose_batch, estimate_memory
 from orchestrator.estimate.preemption import checkpoint_interval_hours, preemption_overhead_hours
@@ -15,7 +15,7 @@ from orchestrator.estimate.throughput import estimate_throughput, flops_per_toke
 from orchestrator.estimate.tokens import count_dataset_tokens
 from orchestrator.architectures import resolve_architecture
 
-# Real H100 measurements (copied unchanged from shared/anchors/): the calibration's evidence.
+# Real H100 measurements (figures unchanged since measured; see docs/anchors/README.md): the calibration's evidence.
 ANCHORS = json.loads((Path(__file__).resolve().parents[1] / "docs" / "anchors" / "h100-naive-baseline.json").read_text())
 MODELS = {"llama-1b": "meta-llama/Llama-3.2-1B", "llama-8b": "meta-llama/Llama-3.1-8B"}
 
@@ -131,13 +131,13 @@ def test_batch_choice_respects_fixed_micro_and_checkpointing_and_reports_a_miss(
 
 def test_preemption_overhead_is_rate_times_hours_times_half_interval_plus_restart():
     cal = load_calibration()
-    extra, used = preemption_overhead_hours("aws", run_hours=10, interval_hours=0.25, cal=cal)
+    overhead = preemption_overhead_hours("aws", run_hours=10, interval_hours=0.25, cal=cal)
     aws = cal.preemption("aws")
-    assert extra == pytest.approx(aws["rate_per_hour"] * 10 * (0.25 / 2 + aws["restart_minutes"] / 60))
-    assert used["rate_per_hour"] == aws["rate_per_hour"]
-    unknown, _ = preemption_overhead_hours("somecloud", 10, 0.25, cal)
+    assert overhead.hours == pytest.approx(aws.rate_per_hour * 10 * (0.25 / 2 + aws.restart_minutes / 60))
+    assert overhead.rate_per_hour == aws.rate_per_hour
+    unknown = preemption_overhead_hours("somecloud", 10, 0.25, cal).hours
     default = cal.preemption_default
-    assert unknown == pytest.approx(default["rate_per_hour"] * 10 * (0.125 + default["restart_minutes"] / 60))
+    assert unknown == pytest.approx(default.rate_per_hour * 10 * (0.125 + default.restart_minutes / 60))
 
 
 def test_checkpoint_interval_is_the_sooner_trigger():
@@ -204,7 +204,7 @@ def test_a_tiny_model_is_capped_by_the_micro_step_floor_and_the_anchors_are_not(
     tiny = resolve_architecture("tiny-llama")
     capped = estimate_throughput(tiny, "lora", seq_len=256, gradient_checkpointing=False, device=cal.device("H100"),
                                  gpu_count=1, cal=cal, micro_batch=8)
-    floor = cal.micro_step_floor["seconds"] + cal.micro_step_floor["seconds_per_layer"] * tiny.layers
+    floor = cal.micro_step_floor.seconds + cal.micro_step_floor.seconds_per_layer * tiny.layers
     assert capped.floor_seconds == floor and capped.tokens_per_second == pytest.approx(8 * 256 / floor)
     for run in ANCHORS["runs"]:
         est = estimate_throughput(resolve_architecture(MODELS[run["model"]]), run["method"], seq_len=run["seq"],

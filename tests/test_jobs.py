@@ -11,13 +11,14 @@ import yaml
 from waiting import early_preemption_seed
 
 from launch.local import LocalBackend
-from launch.supervisor import InjectionPlan, read_jsonl
+from contract.events import read_jsonl
+from launch.supervisor import InjectionPlan
 from orchestrator import jobs, watch
-from orchestrator.errors import UserError
+from contract.errors import UserError
 from orchestrator.ledger import Ledger
 from orchestrator.quote import money
 from orchestrator.reconcile import reconcile_job
-from orchestrator.spec import load_spec
+from contract.spec import load_spec
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "recipes" / "sample_data" / "json_demo.jsonl"
 
@@ -42,7 +43,7 @@ def write_spec(directory: Path, *, max_steps: int, price: float = 2.73, budget: 
 def launch_local(tmp_path: Path, spec_path: Path, backend: LocalBackend) -> tuple[Ledger, jobs.Submitted]:
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
     spec = load_spec(spec_path)
-    plan = jobs.make_job_plan(spec, "local")
+    plan = jobs.make_job_plan(spec, backend)
     submitted = jobs.submit_job(ledger, spec_path, spec, backend, plan, jobs.choose_option(plan, None), tmp_path / "state")
     return ledger, submitted
 
@@ -94,14 +95,14 @@ def test_budget_guard_stops_with_a_checkpoint_before_the_budget_is_spent(tmp_pat
     assert ledger.checkpoints(submitted.job_id)
 
 
-def test_unknown_backend_is_a_one_line_user_error():
+def test_unknown_backend_is_a_one_line_user_error(tmp_path):
     with pytest.raises(UserError, match=r"unknown backend 'aws' \(choose one of: local, skypilot, ray\)"):
-        jobs.make_backend("aws")
+        jobs.make_backend("aws", tmp_path)
 
 
-def test_simulated_preemptions_only_apply_to_the_local_backend():
-    with pytest.raises(UserError, match="--simulate-preemptions only applies to --backend local"):
-        jobs.make_backend("ray", simulate_preemptions=2)
+def test_simulated_preemptions_only_apply_to_the_local_backend(tmp_path):
+    with pytest.raises(UserError, match="--simulate-preemptions does not apply to --backend ray"):
+        jobs.make_backend("ray", tmp_path, simulate_preemptions=2)
 
 
 @pytest.mark.parametrize("reported, gib, canonical", [
@@ -129,7 +130,7 @@ def test_a_job_recorded_but_never_submitted_cannot_be_attached(tmp_path):
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
     spec_path = write_spec(tmp_path, max_steps=2)
     spec = load_spec(spec_path)
-    plan = jobs.make_job_plan(spec, "local")
+    plan = jobs.make_job_plan(spec, LocalBackend())
     job_id = ledger.create_job(spec, spec_path.read_text(), "local", plan, 1)
     with pytest.raises(UserError, match="never submitted"):
         watch.attach(ledger, job_id)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from waiting import early_preemption_seed, wait_until
 
-from launch.supervisor import read_jsonl
+from contract.events import read_jsonl
 from orchestrator.ledger import Ledger
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "recipes" / "sample_data" / "json_demo.jsonl"
@@ -34,8 +34,7 @@ def write_spec(directory: Path, name: str = "tiny-cli", *, max_steps: int = 3) -
 
 
 def spotune_cmd(state: Path, *args: str) -> list[str]:
-    # The console script's entry point (`python -m orchestrator.cli` would load cli.py twice,
-    # as __main__ and as orchestrator.cli, and the --state-dir flag would land in the wrong one).
+    # The console script's entry point, as a user runs it.
     return [sys.executable, "-c", "from orchestrator.cli import main; main()", "--state-dir", str(state), *args]
 
 
@@ -66,7 +65,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path):
         (("launch", str(tmp_path / "missing.yaml")), "spec file not found"),
         (("launch", str(spec), "--backend", "aws"), "unknown backend 'aws'"),
         (("launch", str(spec), "--option", "5"), "no option 5 in the plan"),
-        (("launch", str(spec), "--backend", "skypilot", "--simulate-preemptions", "2"), "only applies to --backend local"),
+        (("launch", str(spec), "--backend", "skypilot", "--simulate-preemptions", "2"), "--simulate-preemptions does not apply to --backend skypilot"),
     ]:
         result = spotune(state, *args)
         assert result.returncode == 2, (args, result.stdout, result.stderr)

@@ -20,7 +20,7 @@ from sqlalchemy.exc import DBAPIError
 
 from ledger_factory import (at, event, make_offer, make_option, make_plan, make_spec, observed, spec_yaml,
                             write_events)
-from orchestrator.errors import UserError
+from contract.errors import UserError
 from orchestrator.ledger import Ledger, LedgerError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,7 +153,7 @@ def test_money_and_times_round_trip_exactly(ledger):
     job_id = new_job(ledger)
     cest = timezone(timedelta(hours=1))
     started = datetime(2026, 11, 20, 10, 0, 0, 123456, tzinfo=cest)
-    from launch.base import ObservedAttempt
+    from contract.backend import ObservedAttempt
     from ledger_factory import placement
 
     ledger.upsert_attempt(job_id, ObservedAttempt(1, placement(price="11.81123"), started))
@@ -175,7 +175,7 @@ def test_times_round_trip_whatever_the_postgres_session_timezone(ledger_url):
 
 
 def test_naive_times_and_float_money_are_refused(ledger):
-    from launch.base import ObservedAttempt
+    from contract.backend import ObservedAttempt
     from ledger_factory import placement
 
     job_id = new_job(ledger)
@@ -408,7 +408,8 @@ def _record_forever(url: str, events_path: str, ready) -> None:
 def test_a_writer_killed_mid_transaction_leaves_only_whole_records(ledger_url, tmp_path):
     import os
     import signal
-    import time
+
+    from waiting import wait_until
 
     events_path = tmp_path / "events.jsonl"
     write_events(events_path, run_events_for_two_attempts())
@@ -417,7 +418,8 @@ def test_a_writer_killed_mid_transaction_leaves_only_whole_records(ledger_url, t
     writer = ctx.Process(target=_record_forever, args=(ledger_url, str(events_path), ready))
     writer.start()
     assert ready.wait(timeout=120)
-    time.sleep(2.0)
+    with Ledger(ledger_url) as reader:  # let it write a few whole jobs, then kill it wherever it is
+        wait_until(lambda: len(reader.list_jobs()) >= 3, timeout=120, every=0.05)
     os.kill(writer.pid, signal.SIGKILL)
     writer.join(timeout=30)
 

@@ -89,6 +89,7 @@ def test_csv_has_one_row_per_job(seeded):
 
 
 def test_plot_writes_a_png(seeded, tmp_path):
+    pytest.importorskip("matplotlib", reason="--plot needs the plot extra")
     url, _, _ = seeded
     png = tmp_path / "ledger.png"
     out = spotune("--db", url, "ledger", "--plot", str(png))
@@ -97,7 +98,7 @@ def test_plot_writes_a_png(seeded, tmp_path):
 
 
 def run_cli(*args: str, cwd=None):
-    # The installed entry point, as a user runs it (`python -m orchestrator.cli` would import cli twice).
+    # The installed entry point, as a user runs it.
     spotune_bin = Path(sys.executable).parent / "spotune"
     return subprocess.run([str(spotune_bin), *args], capture_output=True, text=True, cwd=cwd)
 

@@ -12,9 +12,12 @@ import pytest
 import yaml
 from waiting import wait_until
 
-from launch.base import LaunchRequest, Placement
+from contract.backend import LaunchRequest
+from contract.placement import Placement
+from contract.spec import load_spec
 from launch.local import LocalBackend, supervisor_alive
-from launch.supervisor import InjectionPlan, read_jsonl
+from contract.events import read_jsonl
+from launch.supervisor import InjectionPlan
 
 pytestmark = pytest.mark.slow
 
@@ -41,8 +44,9 @@ def write_spec(directory: Path, *, max_steps: int = 6, seq_len: int = 256, every
 def request(tmp_path: Path, spec: Path, env: dict | None = None) -> LaunchRequest:
     placement = Placement(provider="local", region="this-machine", gpu="CPU", gpu_count=1, spot=False,
                           price_per_hour=PRICE)
-    return LaunchRequest(job_id="job-1", spec_path=spec, run_dir=tmp_path / "runs" / "job-1",
-                         placements=(placement,), env=env or {})
+    job_spec = load_spec(spec)
+    return LaunchRequest(job_id="job-1", spec=job_spec, node_spec=job_spec.node_spec(),
+                         run_dir=tmp_path / "runs" / "job-1", placements=(placement,), env=env or {})
 
 
 def run_to_end(backend: LocalBackend, req: LaunchRequest):

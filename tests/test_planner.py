@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 
 from orchestrator.catalog import load_managed_prices
-from orchestrator.errors import UserError
+from contract.errors import UserError
 from orchestrator.estimate import load_calibration
 from orchestrator.quote import Offer
 from orchestrator.planner import NoFeasibleOption, break_even_tokens, make_plan, plan_local
-from orchestrator.spec import parse_spec
+from contract.spec import parse_spec
 
 SUPPORT_BOT = {
     "name": "support-bot", "model": "meta-llama/Llama-3.1-8B", "method": "qlora",
@@ -199,7 +199,7 @@ def test_planning_uses_an_explicit_calibration_without_reloading():
 
 
 def test_the_tiny_cpu_demo_is_estimated_in_about_a_minute_from_its_dataset():
-    from orchestrator.spec import load_spec
+    from contract.spec import load_spec
 
     demo = load_spec(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "tiny-demo.yaml")
     plan = plan_local(demo, "CPU", 1, Decimal(0))
@@ -217,7 +217,7 @@ def test_train_max_steps_caps_the_tokens_trained():
 
 def test_a_spec_with_counts_plans_before_its_data_file_exists(tmp_path):
     from orchestrator.estimate.tokens import DatasetError, dataset_tokens
-    from orchestrator.spec import parse_spec
+    from contract.spec import parse_spec
 
     both = parse_spec({"name": "x", "model": "llama-3.1-8b", "method": "qlora",
                        "data": {"path": "data/train.jsonl", "examples": 10000, "tokens_per_example": 512}}, tmp_path)

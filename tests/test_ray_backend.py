@@ -4,9 +4,10 @@ on a small machine). The recipe is replaced by a trivial stand-in that speaks th
 model through Ray on two shared CPU cores would take minutes and test the recipe, not the backend."""
 from __future__ import annotations
 
+import dataclasses
 import json
-import shlex
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -18,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from launch.base import BackendError, LaunchRequest, Placement
+from contract.backend import BackendError, DeviceReport, LaunchRequest, make_backend
+from contract.placement import Placement
+from contract.spec import load_spec
 from launch.ray import RayBackend
 
 pytestmark = pytest.mark.slow
@@ -90,8 +93,11 @@ def request(tmp_path: Path, job_id: str, behaviour: str) -> LaunchRequest:
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text("name: demo\nmodel: tiny-llama\nmethod: lora\ndata: {path: train.jsonl}\n"
                          "local: {price_per_hour: 2.5, gpu: A100}\n")
-    return LaunchRequest(job_id=job_id, spec_path=spec_path, run_dir=tmp_path / "runs" / job_id,
-                         placements=(Placement("local", "this-machine", "CPU", 0, False, Decimal("2.5")),),
+    spec = load_spec(spec_path)
+    # As the orchestrator's hourly plan places a CPU job: one CPU, which must not ask Ray for a
+    # GPU (the test cluster has none, so such a job would stay pending).
+    return LaunchRequest(job_id=job_id, spec=spec, node_spec=spec.node_spec(), run_dir=tmp_path / "runs" / job_id,
+                         placements=(Placement("local", "this-machine", "CPU", 1, False, Decimal("2.5"), "local"),),
                          env={"SPOTUNE_RAY_RUN_ROOT": str(tmp_path / "node"), "STAND_IN_BEHAVIOUR": behaviour})
 
 
@@ -106,7 +112,7 @@ def wait_until(backend, external_id, states, timeout=90):
 
 @pytest.fixture
 def backend(tmp_path, ray_address):
-    return RayBackend(tmp_path / "runs", address=ray_address, events_refresh_seconds=0,
+    return RayBackend(tmp_path, address=ray_address, events_refresh_seconds=0,
                       recipe_command=f"python -c {shlex.quote(STAND_IN)}")
 
 
@@ -165,12 +171,43 @@ def test_no_cluster_address_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     with pytest.raises(BackendError, match=r"no Ray cluster address: set RAY_ADDRESS=http://<head>:8265"):
-        RayBackend(tmp_path / "runs").submit(request(tmp_path, "x-1", "finish"))
+        RayBackend(tmp_path).submit(request(tmp_path, "x-1", "finish"))
 
 
 def test_an_unreachable_cluster_is_one_clear_error(tmp_path):
     with pytest.raises(BackendError) as failure:
-        RayBackend(tmp_path / "runs", address=f"http://127.0.0.1:{_free_port()}").submit(
+        RayBackend(tmp_path, address=f"http://127.0.0.1:{_free_port()}").submit(
             request(tmp_path, "x-2", "finish"))
     assert str(failure.value).startswith("cannot reach the Ray cluster at http://127.0.0.1:")
     assert "\n" not in str(failure.value)
+
+
+def test_the_backend_describes_itself_on_the_protocol_without_a_cluster(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "http://head.example:8265")
+    ray_backend = make_backend("ray", tmp_path)
+    assert isinstance(ray_backend, RayBackend)
+    assert (ray_backend.name, ray_backend.pricing, ray_backend.options, ray_backend.poll_seconds) == (
+        "ray", "hourly", (), 2.0)
+    assert ray_backend.device() == DeviceReport(None, 0, None)
+    text = ray_backend.describe(request(tmp_path, "dry-1", "finish"))
+    assert "python -m recipes.sft spec.yaml --run-dir ${SPOTUNE_RAY_RUN_ROOT:-$HOME/spotune-runs}/dry-1" in text
+    assert f"working dir: {tmp_path / 'runs' / 'dry-1' / 'ray-job'}" in text
+    assert "placement:   ray/head.example CPU at $2.50/h" in text
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+    # `--price-per-hour` replaces spec.local.price_per_hour in the plan: the attempt is priced as planned.
+    planned = request(tmp_path, "dry-2", "finish")
+    planned = dataclasses.replace(planned, placements=(dataclasses.replace(planned.placements[0],
+                                                                           price_per_hour=Decimal("3.1")),))
+    assert "placement:   ray/head.example CPU at $3.10/h" in ray_backend.describe(planned)
+
+
+def test_the_staged_spec_is_the_requests_node_spec_with_the_data_file_beside_it(tmp_path):
+    """The node spec is the orchestrator's to write: staged as given, only data.path moved."""
+    import yaml
+
+    launch = request(tmp_path, "stage-1", "finish")
+    launch.node_spec["batch"]["micro"] = 4
+    stage = RayBackend._stage(launch)
+    staged = yaml.safe_load((stage / "spec.yaml").read_text())
+    assert staged == {**launch.node_spec, "data": {**launch.node_spec["data"], "path": "data/train.jsonl"}}
+    assert (stage / "data" / "train.jsonl").read_text() == (tmp_path / "train.jsonl").read_text()

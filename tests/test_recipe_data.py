@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from recipes.config import load_train_config  # noqa: E402
+from contract.spec import load_spec  # noqa: E402
 from recipes.data import (  # noqa: E402
     IGNORE_INDEX, DataError, Example, build_datasets, detect_format, load_examples, pack, split_validation,
 )
@@ -286,7 +286,7 @@ def test_validation_split_is_deterministic_disjoint_and_sized_by_fraction():
 
 
 def test_the_demo_config_builds_train_and_validation_blocks(tokenizer):
-    cfg = load_train_config(DEMO_CONFIG)
+    cfg = load_spec(DEMO_CONFIG, for_training=True)
     train, val, stats = build_datasets(cfg, tokenizer)
     assert stats.format == "alpaca" and stats.examples == stats.lines == 400 and stats.skipped == {}
     assert stats.val_examples == 20 and stats.train_examples == 380

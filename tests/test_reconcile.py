@@ -2,10 +2,11 @@
 and preemption parts that add up to the total exactly."""
 from __future__ import annotations
 
-import random
 from decimal import Decimal
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ledger_factory import at, event, hand_example, make_option, make_plan, make_spec, observed, spec_yaml, write_events
 from orchestrator.ledger import Ledger
@@ -68,35 +69,44 @@ def test_an_attempt_preempted_before_its_first_checkpoint_loses_everything_after
     assert (r.variance, r.price, r.preemption, r.throughput) == (Decimal("0.70"), 0, Decimal("0.50"), Decimal("0.20"))
 
 
-def test_parts_always_add_up_to_the_total(tmp_path):
-    """Random prices, durations and checkpoints: the printed parts always sum to the printed total,
+attempt_shapes = st.lists(st.tuples(
+    st.floats(1, 600),                                  # attempt length in minutes (`at` counts minutes)
+    st.sampled_from(["preempted", "failed", "finished"]),
+    st.integers(10, 999_999),                           # $/h in 1e-5 dollars: GCP-style five decimals
+    st.floats(0, 1),                                    # first training step, as a fraction of the attempt
+    st.one_of(st.none(), st.floats(0, 1)),              # last checkpoint between first step and end, if any
+    st.floats(0, 30),                                   # gap before the next attempt
+), min_size=1, max_size=5)
+
+
+@settings(deadline=None, max_examples=150)
+@given(p0_units=st.integers(10, 99_999), hours=st.floats(0.1, 30), overhead=st.floats(0, 3),
+       extra_cents=st.integers(0, 500), shapes=attempt_shapes)
+def test_parts_always_add_up_to_the_total(p0_units, hours, overhead, extra_cents, shapes):
+    """Any prices, durations and checkpoints: the printed parts always sum to the printed total,
     and each part is within a cent of its exact formula."""
     from orchestrator.ledger import AttemptRecord, CheckpointRecord, EstimateRecord, JobRecord, SampleRecord
 
-    rng = random.Random(7)
-    for _ in range(300):
-        p0 = Decimal(rng.randint(10, 99999)).scaleb(-4)
-        hours, overhead = round(rng.uniform(0.1, 30), 4), round(rng.uniform(0, 3), 4)
-        estimate_cost = p0 * Decimal(str(hours + overhead)) + Decimal(rng.randint(0, 500)).scaleb(-2)
-        est = EstimateRecord("{}", 1, "s", "aws", "r", "i", "H100", 1, True, p0, 1000.0, hours, overhead,
-                             estimate_cost, 1, at(0))
-        job = JobRecord("j", "j", "m", "lora", "", "", "running", "local", None, None, None, at(0), at(0), est)
-        attempts, checkpoints, samples, t = [], [], [], 0.0
-        for n in range(1, rng.randint(1, 5) + 1):
-            length = rng.uniform(1, 600)
-            reason = "finished" if n > 1 and rng.random() < 0.2 else rng.choice(["preempted", "failed", "preempted"])
-            price = Decimal(rng.randint(10, 999999)).scaleb(-5)
-            attempts.append(AttemptRecord(n, "aws", "r", None, "H100", 1, True, price, at(t), at(t + length),
-                                          reason, None, None, None, None))
-            first_step = t + rng.uniform(0, length)
-            samples.append(SampleRecord(n, 1, 1, None, None, 1.0, at(first_step)))
-            if rng.random() < 0.7:
-                checkpoints.append(CheckpointRecord(n, 1, "p", 1, 1.0, True, at(rng.uniform(first_step, t + length))))
-            t += length + rng.uniform(0, 30)
-        r = reconcile(job, attempts, checkpoints, samples)
-        assert r.price + r.throughput + r.preemption == r.variance == r.actual_cost - r.estimate_cost
-        exact_throughput = p0 * (r.productive_hours - Decimal(str(hours))) + (p0 * Decimal(str(hours + overhead)) - estimate_cost)
-        assert abs(r.throughput - exact_throughput) <= Decimal("0.02")  # four roundings to the cent
+    p0 = Decimal(p0_units).scaleb(-4)
+    hours, overhead = round(hours, 4), round(overhead, 4)
+    estimate_cost = p0 * Decimal(str(hours + overhead)) + Decimal(extra_cents).scaleb(-2)
+    est = EstimateRecord("{}", 1, "s", "aws", "r", "i", "H100", 1, True, p0, 1000.0, hours, overhead,
+                         estimate_cost, 1, at(0))
+    job = JobRecord("j", "j", "m", "lora", "", "", "running", "local", None, None, None, at(0), at(0), est)
+    attempts, checkpoints, samples, t = [], [], [], 0.0
+    for n, (length, reason, price_units, first, saved, gap) in enumerate(shapes, start=1):
+        reason = "preempted" if reason == "finished" and n == 1 else reason
+        attempts.append(AttemptRecord(n, "aws", "r", None, "H100", 1, True, Decimal(price_units).scaleb(-5), at(t),
+                                      at(t + length), reason, None, None, None, None))
+        first_step = t + first * length
+        samples.append(SampleRecord(n, 1, 1, None, None, 1.0, at(first_step)))
+        if saved is not None:
+            checkpoints.append(CheckpointRecord(n, 1, "p", 1, 1.0, True, at(first_step + saved * (t + length - first_step))))
+        t += length + gap
+    r = reconcile(job, attempts, checkpoints, samples)
+    assert r.price + r.throughput + r.preemption == r.variance == r.actual_cost - r.estimate_cost
+    exact_throughput = p0 * (r.productive_hours - Decimal(str(hours))) + (p0 * Decimal(str(hours + overhead)) - estimate_cost)
+    assert abs(r.throughput - exact_throughput) <= Decimal("0.02")  # four roundings to the cent
 
 
 def test_estimate_is_the_chosen_option_not_the_cheapest(tmp_path):

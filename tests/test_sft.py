@@ -19,7 +19,7 @@ pytest.importorskip("peft")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from recipes.events import read_events  # noqa: E402
+from contract.events import read_jsonl as read_events  # noqa: E402
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

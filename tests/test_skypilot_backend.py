@@ -10,9 +10,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 from sky_catalog import catalog_offers, seeded_runtime, sky_with_seeded_catalog
 
-from launch.base import BackendError, LaunchRequest, Placement
+from contract.backend import BackendError, LaunchRequest
+from contract.placement import Placement
+from contract.spec import load_spec
 from launch.skypilot import SkyPilotBackend
 from orchestrator.quote import money
 
@@ -28,8 +31,18 @@ from sky.utils import dag_utils  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sky"
 T = 1795000000.0
-EAST = Placement("aws", "us-east-1", "A10G", 1, True, Decimal("0.436400"), "g5.xlarge")
-WEST = Placement("aws", "us-west-2", "A10G", 1, True, Decimal("0.485700"), "g5.xlarge")
+
+
+def catalog_placement(region: str, instance_type: str = "g5.xlarge", spot: bool = True) -> Placement:
+    """A placement as the orchestrator makes one from a plan option: the catalog's offer and price."""
+    offer = next(o for o in catalog_offers() if (o.provider, o.region, o.instance_type) == ("aws", region, instance_type))
+    return Placement(provider=offer.provider, region=offer.region, gpu=offer.gpu, gpu_count=offer.gpu_count,
+                     spot=spot, price_per_hour=offer.price(spot), instance_type=offer.instance_type)
+
+
+# Where the recorded queue_v2 snapshots ran: spot g5.xlarge (1x A10G) in us-east-1, then us-west-2.
+EAST = catalog_placement("us-east-1")
+WEST = catalog_placement("us-west-2")
 
 
 class FakeSky:
@@ -76,17 +89,22 @@ class FakeSky:
         return iter([self.log[:half], self.log[half:], None])
 
 
-@pytest.fixture
-def request_for(tmp_path):
+def launch_request(tmp_path, placements=(EAST, WEST)) -> LaunchRequest:
     (tmp_path / "train.jsonl").write_text('{"text": "hello"}\n')
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text("name: demo\nmodel: tiny-llama\nmethod: lora\ndata: {path: train.jsonl}\n")
-    return LaunchRequest(job_id="demo-1", spec_path=spec_path, run_dir=tmp_path / "runs" / "demo-1",
-                         placements=(EAST, WEST), env={"SPOTUNE_JOB_ID": "demo-1"})
+    spec = load_spec(spec_path)
+    return LaunchRequest(job_id="demo-1", spec=spec, node_spec=spec.node_spec(), run_dir=tmp_path / "runs" / "demo-1",
+                         placements=placements, env={"SPOTUNE_JOB_ID": "demo-1"})
+
+
+@pytest.fixture
+def request_for(tmp_path):
+    return launch_request(tmp_path)
 
 
 def backend(tmp_path, fake) -> SkyPilotBackend:
-    return SkyPilotBackend(tmp_path / "runs", sdk=fake, offers=catalog_offers(), events_refresh_seconds=0)
+    return SkyPilotBackend(tmp_path, sdk=fake, events_refresh_seconds=0)
 
 
 def utc(ts: float) -> datetime:
@@ -121,6 +139,64 @@ def test_preempted_in_us_east_1_then_succeeded_in_us_west_2_gives_two_priced_att
     # The attempt closes as soon as SkyPilot reports RECOVERING, before the new region is known.
     assert [a.end_reason for a in observations[4].attempts] == ["preempted"]
     assert {"cloud", "region", "last_recovered_at", "job_duration", "cluster_resources_full"} <= set(fake.queue_fields)
+
+
+def test_among_every_feasible_option_an_attempt_is_priced_as_the_one_it_ran_on(tmp_path):
+    """The orchestrator passes every plan option; the same region on demand, another instance
+    with the same GPU, and another region's price must not be mistaken for where it ran."""
+    decoys = (catalog_placement("us-west-2", "g5.16xlarge"), catalog_placement("us-east-1", spot=False),
+              catalog_placement("us-east-1", "g5.24xlarge"), catalog_placement("us-west-2", spot=False))
+    request = launch_request(tmp_path, placements=(*decoys, EAST, WEST))
+    fake = FakeSky("preempted_then_succeeded")
+    sky_backend = backend(tmp_path, fake)
+    external_id = sky_backend.submit(request)
+    final = [sky_backend.poll(external_id) for _ in range(7)][-1]
+
+    assert [a.placement for a in final.attempts] == [EAST, WEST]
+    saved = json.loads((request.run_dir / "skypilot.json").read_text())["placements"]
+    assert [Placement.from_json(p) for p in saved] == list(request.placements)
+
+
+def test_an_attempt_on_resources_it_was_not_given_is_one_clear_error(tmp_path):
+    fake = FakeSky("preempted_then_succeeded")
+    sky_backend = backend(tmp_path, fake)
+    external_id = sky_backend.submit(launch_request(tmp_path, placements=(EAST,)))
+    for _ in range(5):  # up to RECOVERING: us-east-1 is priced
+        sky_backend.poll(external_id)
+    with pytest.raises(BackendError) as failure:
+        sky_backend.poll(external_id)  # now running in us-west-2
+    assert str(failure.value) == ("SkyPilot ran managed job 7 on aws/us-west-2 g5.xlarge spot, which matches "
+                                  "none of the placements it was launched with: cannot price the attempt")
+
+
+def test_a_job_first_seen_after_its_cluster_is_gone_is_priced_from_the_requested_resources(tmp_path, request_for):
+    """A CLI that comes back after the job ended sees only SkyPilot's requested resources
+    ('1x[A10G:1][Spot]': no instance type, Spot capitalised)."""
+    fake = FakeSky("recipe_crashed")
+    fake.snapshots = fake.snapshots[-1:]
+    sky_backend = backend(tmp_path, fake)
+    external_id = sky_backend.submit(request_for)
+    final = sky_backend.poll(external_id)
+
+    (attempt,) = final.attempts
+    assert attempt.placement == EAST
+    assert (attempt.started_at, attempt.ended_at, attempt.end_reason) == (utc(T + 120), utc(T + 720), "failed")
+
+
+def test_the_backend_describes_itself_on_the_protocol(tmp_path, request_for):
+    from contract.backend import DeviceReport, make_backend
+
+    sky_backend = make_backend("skypilot", tmp_path)
+    assert isinstance(sky_backend, SkyPilotBackend)
+    assert (sky_backend.name, sky_backend.pricing, sky_backend.options, sky_backend.poll_seconds) == (
+        "skypilot", "catalog", (), 20.0)
+    assert sky_backend.device() == DeviceReport(None, 0, None)
+    text = sky_backend.describe(request_for)
+    assert text.startswith("# spotune job demo-1: SkyPilot managed-job task (dry run, nothing launched)")
+    ordered = yaml.safe_load(text)["resources"]["ordered"]
+    assert [(r["infra"], r["instance_type"], r["use_spot"]) for r in ordered] == [
+        ("aws/us-east-1", "g5.xlarge", True), ("aws/us-west-2", "g5.xlarge", True)]
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
 
 
 def test_a_re_attached_backend_continues_the_attempt_history(tmp_path, request_for):
@@ -232,7 +308,7 @@ def test_logs_yield_whole_lines_across_chunks(tmp_path, request_for):
 
 def test_a_real_sdk_call_with_the_local_api_server_disabled_fails_fast_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("SKYPILOT_DISABLE_LOCAL_API_SERVER", "1")
-    real = SkyPilotBackend(tmp_path / "runs", offers=[])
+    real = SkyPilotBackend(tmp_path)
     with pytest.raises(BackendError) as failure:
         real.cancel("7")
     message = str(failure.value)

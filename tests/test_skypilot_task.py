@@ -1,16 +1,17 @@
-"""The SkyPilot task built from a plan, checked with real sky objects on a seeded catalog (offline)."""
+"""The SkyPilot task built from a launch request, checked with real sky objects on a seeded catalog (offline)."""
 from __future__ import annotations
 
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 import yaml
 from sky_catalog import catalog_offers, seeded_runtime, sky_with_seeded_catalog
 
-from launch.sky_task import (CHECKPOINT_MOUNT, SkyTaskError, build_task, placements_from_plan,
-                             render_task_yaml)
+from contract.backend import LaunchRequest
+from contract.spec import load_spec
+from launch.sky_task import CHECKPOINT_MOUNT, SkyTaskError, build_task, render_task_yaml
 from orchestrator.quote import Option, Plan
-from orchestrator.spec import load_spec
 
 sky = sky_with_seeded_catalog()
 
@@ -40,6 +41,12 @@ def plan_of(*options):
                 options=tuple(ranked), rejected=(), managed=(), catalog_snapshot="bundled")
 
 
+def request_of(spec, plan, job_id="demo-1"):
+    """What the orchestrator sends: the plan's options as placements, in the plan's order."""
+    return LaunchRequest(job_id=job_id, spec=spec, node_spec=spec.node_spec(), run_dir=Path("runs") / job_id,
+                         placements=tuple(o.placement for o in plan.options), env={"SPOTUNE_JOB_ID": job_id})
+
+
 # Cheapest in expected cost is 8x A100 spot (fast), not the cheapest per hour (1x A100 on Lambda).
 EIGHT_A100_SPOT = ("aws", "us-east-2", "p4d.24xlarge", True, 1.0)
 ONE_A100_LAMBDA = ("lambda", "us-east-1", "gpu_1x_a100", False, 8.5)
@@ -60,7 +67,7 @@ def plan():
 
 
 def test_dry_run_yaml_round_trips_through_sky_task(spec, plan):
-    config = yaml.safe_load(render_task_yaml(spec, plan, "demo-1"))
+    config = yaml.safe_load(render_task_yaml(request_of(spec, plan)))
     task = sky.Task.from_yaml_config(dict(config))
     again = task.to_yaml_config()
     for key in ("resources", "setup", "run", "workdir", "envs"):
@@ -70,7 +77,7 @@ def test_dry_run_yaml_round_trips_through_sky_task(spec, plan):
 
 
 def test_first_resource_is_the_planners_top_option_and_order_is_kept(spec, plan):
-    task, skipped = build_task(spec, "demo-1", placements_from_plan(plan))
+    task, skipped = build_task(request_of(spec, plan))
     assert skipped == []
     got = [(str(r.cloud).lower(), r.region, r.instance_type, r.use_spot) for r in task.resources]
     want = [(o.offer.provider, o.offer.region, o.offer.instance_type, o.spot) for o in plan.options]
@@ -85,7 +92,7 @@ def test_options_are_capped_at_max_options_and_recovery_follows_the_spec(spec, p
     spec.sky.max_options = 2
     spec.sky.recovery_strategy = "FAILOVER"
     spec.sky.max_restarts_on_errors = 1
-    task, _ = build_task(spec, "demo-1", placements_from_plan(plan))
+    task, _ = build_task(request_of(spec, plan))
     assert len(task.resources) == 2
     assert {r.job_recovery["strategy"] for r in task.resources} == {"FAILOVER"}
     assert {r.job_recovery["max_restarts_on_errors"] for r in task.resources} == {1}
@@ -99,7 +106,7 @@ def test_fallback_takes_two_regions_per_instance_type_then_the_next_offer(spec):
     lambda_regions = ("us-east-1", "us-west-1", "europe-central-1", "asia-south-1")
     plan = plan_of(*[option(i, "lambda", region, "gpu_1x_a100", False, 1.0) for i, region in enumerate(lambda_regions)],
                    option(5, *EIGHT_A100_SPOT), option(6, *ONE_A100_GCP_SPOT))
-    task, skipped = build_task(spec, "demo-1", placements_from_plan(plan))
+    task, skipped = build_task(request_of(spec, plan))
     assert skipped == []
     assert _keys(task.resources) == [("lambda", "us-east-1", "gpu_1x_a100", False),
                                      ("lambda", "us-west-1", "gpu_1x_a100", False),
@@ -116,7 +123,7 @@ def test_real_8b_qlora_plan_falls_back_across_clouds_and_gpus_in_cost_order(tmp_
                     "data: {examples: 20000, tokens_per_example: 512}\n")
     big = load_spec(path)
     plan = make_plan(big, OFFERS)
-    task, _ = build_task(big, "big-1", placements_from_plan(plan))
+    task, _ = build_task(request_of(big, plan, "big-1"))
     got = _keys(task.resources)
     plan_order = [(o.offer.provider, o.offer.region, o.offer.instance_type, o.spot) for o in plan.options]
     assert len(got) == big.sky.max_options == 8
@@ -131,7 +138,7 @@ def test_real_8b_qlora_plan_falls_back_across_clouds_and_gpus_in_cost_order(tmp_
 
 
 def test_checkpoint_bucket_is_mounted_cached_and_the_run_is_keyed_by_task_id(spec, plan):
-    task, _ = build_task(spec, "Demo_1", placements_from_plan(plan))
+    task, _ = build_task(request_of(spec, plan, "Demo_1"))
     storage = task.storage_mounts[CHECKPOINT_MOUNT]
     assert storage.mode == sky.StorageMode.MOUNT_CACHED
     assert storage.name == "spotune-ckpt-demo-1"
@@ -143,21 +150,33 @@ def test_checkpoint_bucket_is_mounted_cached_and_the_run_is_keyed_by_task_id(spe
     assert task.file_mounts["/spotune-data/train.jsonl"] == str(spec.data_path().resolve())
 
 
+def test_the_node_gets_the_requests_node_spec_with_only_the_data_path_moved(spec, plan):
+    """The node spec is the orchestrator's to write (e.g. the chosen option's micro-batch): the
+    task ships it as given, not a spec re-derived here."""
+    request = request_of(spec, plan)
+    request.node_spec["batch"]["micro"] = 4
+    task, _ = build_task(request)
+    shipped = yaml.safe_load(task.envs["SPOTUNE_SPEC_YAML"])
+    assert shipped == {**request.node_spec, "data": {**request.node_spec["data"], "path": "/spotune-data/train.jsonl"}}
+    assert shipped["batch"]["micro"] == 4 and spec.batch.micro == "auto"
+    assert request.node_spec["data"]["path"] == str(spec.data_path().resolve())  # the request is not changed
+
+
 def test_spec_bucket_url_is_mounted_as_the_existing_bucket(spec, plan):
     spec.sky.bucket = "s3://my-ckpts"
-    task, _ = build_task(spec, "demo-1", placements_from_plan(plan))
+    task, _ = build_task(request_of(spec, plan))
     assert task.storage_mounts[CHECKPOINT_MOUNT].source == "s3://my-ckpts"
 
 
 def test_hf_token_value_never_appears_in_the_dry_run_yaml(spec, plan, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_do_not_leak_8d1f2c")
-    text = render_task_yaml(spec, plan, "demo-1")
+    text = render_task_yaml(request_of(spec, plan))
     assert "hf_do_not_leak_8d1f2c" not in text
     assert yaml.safe_load(text)["secrets"] == {"HF_TOKEN": None}
 
 
 def test_secret_values_go_into_sky_secrets_not_envs(spec, plan):
-    task, _ = build_task(spec, "demo-1", placements_from_plan(plan), secrets={"HF_TOKEN": "hf_x"})
+    task, _ = build_task(request_of(spec, plan), secrets={"HF_TOKEN": "hf_x"})
     assert "HF_TOKEN" not in task.envs
     assert task.secrets["HF_TOKEN"].get_secret_value() == "hf_x"
 
@@ -166,10 +185,10 @@ def test_offers_skypilot_cannot_launch_are_skipped_with_the_reason(spec, plan):
     managed = option(1, *EIGHT_A100_SPOT)
     managed = Option(**{**managed.__dict__, "offer": managed.offer.__class__(
         **{**managed.offer.__dict__, "provider": "together"})})
-    text = render_task_yaml(spec, plan_of(managed, option(2, *ONE_A100_LAMBDA)), "demo-1")
+    text = render_task_yaml(request_of(spec, plan_of(managed, option(2, *ONE_A100_LAMBDA))))
     assert "# skipped together/us-east-2 A100:8 spot: SkyPilot has no cloud named 'together'" in text
     with pytest.raises(SkyTaskError, match="no option in the plan can be launched through SkyPilot"):
-        render_task_yaml(spec, plan_of(managed), "demo-1")
+        render_task_yaml(request_of(spec, plan_of(managed)))
 
 
 def _optimize(task, monkeypatch):
@@ -183,7 +202,7 @@ def _optimize(task, monkeypatch):
 
 
 def test_skypilot_optimizer_launches_the_planners_top_option_first(spec, plan, monkeypatch):
-    config = yaml.safe_load(render_task_yaml(spec, plan, "demo-1"))
+    config = yaml.safe_load(render_task_yaml(request_of(spec, plan)))
     task = sky.Task.from_yaml_config(config)
     best = _optimize(task, monkeypatch)
     top = plan.best
@@ -194,7 +213,7 @@ def test_skypilot_optimizer_launches_the_planners_top_option_first(spec, plan, m
 def test_skypilot_optimizer_given_our_runtimes_prices_the_top_option_cheapest(spec, plan, monkeypatch):
     """Free to choose (any_of) and told each option's runtime, SkyPilot's own cost model over its
     own catalog picks the planner's top option, or one priced the same."""
-    task, _ = build_task(spec, "demo-1", placements_from_plan(plan))
+    task, _ = build_task(request_of(spec, plan))
     hours = {(o.offer.provider, o.offer.region, o.offer.instance_type, o.spot): o.expected_hours for o in plan.options}
     task.set_resources(set(task.resources))
     task.set_time_estimator(lambda r: 3600 * hours[(str(r.cloud).lower(), r.region, r.instance_type, r.use_spot)])
@@ -219,7 +238,7 @@ def test_with_the_real_planner_the_dry_run_launches_its_top_option_first(tmp_pat
     big = load_spec(path)
     plan = make_plan(big, OFFERS)
     assert plan.best is not None
-    config = yaml.safe_load(render_task_yaml(big, plan, "big-1"))
+    config = yaml.safe_load(render_task_yaml(request_of(big, plan, "big-1")))
     task = sky.Task.from_yaml_config(config)
     first = task.resources[0]
     top = plan.best
@@ -253,14 +272,14 @@ def test_the_event_log_tells_a_preemption_from_a_crash(tmp_path):
     import subprocess
     import sys
 
-    from recipes.events import EventLog
+    from contract.events import EventLog
 
     log_path = tmp_path / "events.jsonl"
     log = EventLog(log_path, attempt=1)
     log.emit("start", resumed_from_step=None)
     log.emit("preempted", step=3, signal="SIGTERM")
     log.close()
-    ask = [sys.executable, "-m", "recipes.events", "ended-preempted", str(log_path)]
+    ask = [sys.executable, "-m", "contract.events", "ended-preempted", str(log_path)]
     assert subprocess.run(ask).returncode == 0
     log = EventLog(log_path, attempt=2)
     log.emit("error", message="boom", kind="crash")

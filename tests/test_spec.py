@@ -3,7 +3,7 @@ import textwrap
 
 import pytest
 
-from orchestrator.spec import SpecError, load_spec, parse_spec
+from contract.spec import SpecError, load_spec, parse_spec
 
 GOOD = """
 name: support-bot

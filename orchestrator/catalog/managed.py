@@ -1,15 +1,15 @@
 """Managed fine-tuning API prices (per 1M training tokens) and quotes for one job."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
-import yaml
+from pydantic import Field, StrictBool
 
-from orchestrator.errors import UserError
+from contract.errors import UserError
+from orchestrator.datafile import DataModel, DateText, Money, Real, load_data_file
 from orchestrator.quote import ManagedQuote
 
 MANAGED_PATH = Path(__file__).parent / "data" / "managed.yaml"
@@ -17,19 +17,20 @@ METHODS = ("full", "lora", "qlora")
 MILLION = Decimal(1_000_000)
 
 
-@dataclass(frozen=True)
-class ManagedPrice:
+class ManagedPrice(DataModel):
+    """One row of managed.yaml."""
+
     service: str                  # together, openai, vertex-ai
     model: str                    # the service's tier or model name
-    methods: tuple[str, ...]      # spotune methods this price applies to
-    price_per_million_tokens: Decimal
-    min_params: float = 0.0       # exclusive lower bound of the size tier (open-weight services)
-    max_params: Optional[float] = None  # inclusive upper bound; None: any size
-    closed_model: bool = False    # fine-tunes the service's own model, not the user's
-    price_range: Optional[tuple[Decimal, Decimal]] = None  # where the source gives only a range
+    methods: tuple[Literal["full", "lora", "qlora"], ...] = Field(min_length=1)   # spotune methods it prices
+    price_per_million_tokens: Money
+    min_params: Real = 0.0        # exclusive lower bound of the size tier (open-weight services)
+    max_params: Optional[Real] = None  # inclusive upper bound; None: any size
+    closed_model: StrictBool = False   # fine-tunes the service's own model, not the user's
+    price_range: Optional[tuple[Money, Money]] = None  # where the source gives only a range
     note: str = ""
-    source: str = ""
-    read_on: str = ""
+    source: str
+    read_on: DateText
 
     def applies_to(self, params: int, method: str) -> bool:
         if method not in self.methods:
@@ -39,22 +40,16 @@ class ManagedPrice:
         return params > self.min_params and (self.max_params is None or params <= self.max_params)
 
 
+class ManagedFile(DataModel):
+    """managed.yaml."""
+
+    prices: tuple[ManagedPrice, ...]
+
+
 @lru_cache(maxsize=1)
 def _load() -> tuple[ManagedPrice, ...]:
-    raw = yaml.safe_load(MANAGED_PATH.read_text(encoding="utf-8"))
-    prices = []
-    for entry in raw["prices"]:
-        price_range = entry.get("price_range")
-        prices.append(ManagedPrice(
-            service=entry["service"], model=str(entry["model"]), methods=tuple(entry["methods"]),
-            price_per_million_tokens=Decimal(str(entry["price_per_million_tokens"])),
-            min_params=float(entry.get("min_params", 0)),
-            max_params=float(entry["max_params"]) if entry.get("max_params") is not None else None,
-            closed_model=bool(entry.get("closed_model", False)),
-            price_range=tuple(Decimal(str(x)) for x in price_range) if price_range else None,
-            note=str(entry.get("note", "")), source=str(entry["source"]), read_on=str(entry["read_on"]),
-        ))
-    return tuple(prices)
+    """The bundled prices, read once; a malformed file is a one-line DataFileError naming the field."""
+    return load_data_file(MANAGED_PATH, ManagedFile).prices
 
 
 def load_managed_prices() -> list[ManagedPrice]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from orchestrator.catalog.specs import GpuSpec, gpu_specs
-from orchestrator.errors import UserError
+from contract.errors import UserError
 from orchestrator.quote import Offer
 
 log = logging.getLogger(__name__)

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-import yaml
+from pydantic import Field, StrictBool, model_validator
+
+from orchestrator.datafile import DataModel, PositiveReal, display_path, read_yaml, validate
 
 # RunPod's plain `Nx_H100_SECURE` is the PCIe card; its SXM and NVL types say so in the name.
 _RUNPOD_H100_PCIE = re.compile(r"^\d+x_h100_")
@@ -14,15 +16,24 @@ _RUNPOD_H100_PCIE = re.compile(r"^\d+x_h100_")
 SPECS_PATH = Path(__file__).parent / "data" / "gpu_specs.yaml"
 
 
-@dataclass(frozen=True)
-class GpuSpec:
+class GpuSpec(DataModel):
+    """One GPU of gpu_specs.yaml; `name` is its key there."""
+
     name: str
-    vram_gb: float
-    bf16_tflops: float            # peak dense; the fp16 tensor figure where bf16 is False
-    memory_bandwidth_gbs: float
-    bf16: bool
-    memory_variants_gb: tuple[float, ...]
+    vram_gb: PositiveReal
+    bf16_tflops: PositiveReal     # peak dense; the fp16 tensor figure where bf16 is False
+    memory_bandwidth_gbs: PositiveReal
+    bf16: StrictBool
+    memory_variants_gb: tuple[PositiveReal, ...] = Field(min_length=1)
     source: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sold_in_one_size(cls, data: Any) -> Any:
+        # Most GPUs are sold with one memory size, so the file lists variants only where there are several.
+        if isinstance(data, dict) and "memory_variants_gb" not in data and "vram_gb" in data:
+            return {**data, "memory_variants_gb": [data["vram_gb"]]}
+        return data
 
     @property
     def max_vram_gb(self) -> float:
@@ -31,20 +42,10 @@ class GpuSpec:
 
 @lru_cache(maxsize=1)
 def _load_specs() -> dict[str, GpuSpec]:
-    raw = yaml.safe_load(SPECS_PATH.read_text(encoding="utf-8"))
-    specs = {}
-    for name, entry in raw.items():
-        vram = float(entry["vram_gb"])
-        specs[name] = GpuSpec(
-            name=name,
-            vram_gb=vram,
-            bf16_tflops=float(entry["bf16_tflops"]),
-            memory_bandwidth_gbs=float(entry["memory_bandwidth_gbs"]),
-            bf16=bool(entry["bf16"]),
-            memory_variants_gb=tuple(float(v) for v in entry.get("memory_variants_gb", [vram])),
-            source=str(entry["source"]),
-        )
-    return specs
+    """The bundled table, read once; a malformed entry is a one-line DataFileError naming GPU and field."""
+    where = display_path(SPECS_PATH)
+    entries = validate(read_yaml(SPECS_PATH), dict[str, dict], where)
+    return {name: validate({**entry, "name": name}, GpuSpec, where, prefix=(name,)) for name, entry in entries.items()}
 
 
 def gpu_specs() -> dict[str, GpuSpec]:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from orchestrator.errors import UserError
+from contract.errors import UserError
 
 
 class CatalogFilterError(UserError):
@@ -30,10 +30,6 @@ def _check_known(kind: str, wanted: Optional[str], known: set[str]) -> Optional[
     return by_lower[wanted.lower()]
 
 
-def _money(value: Optional[Decimal]) -> str:
-    return "-" if value is None else f"{value:.2f}" if value >= 1 else f"{value:.3f}"
-
-
 def catalog(
     gpu: Optional[str] = typer.Option(None, "--gpu", help="Only this GPU (SkyPilot name: H100, A100-80GB, L40S, ...)."),
     provider: Optional[str] = typer.Option(None, "--provider", help="Only this provider (aws, gcp, azure, lambda, runpod, vast, nebius, verda, ...)."),
@@ -46,15 +42,6 @@ def catalog(
     no_sky: bool = typer.Option(False, "--no-sky", help="Use only the bundled snapshot."),
 ) -> None:
     """List GPU offers, cheapest $/GPU-hour first, with where each price comes from."""
-    try:
-        _catalog(gpu, provider, spot, region, max_price, as_json, export_sky, sky_catalog, no_sky)
-    except UserError as e:
-        # Said here as well as in cli.main, so the app object (CliRunner, embedding) exits 2 too.
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(e.exit_code)
-
-
-def _catalog(gpu, provider, spot, region, max_price, as_json, export_sky, sky_catalog, no_sky) -> None:
     from orchestrator import catalog as cat
 
     offers = cat.load_offers(sky_catalog, include_sky=not no_sky)
@@ -96,8 +83,10 @@ def _to_json(o, spot: bool) -> dict:
 
 
 def _print_table(offers, spot: bool, snapshot: str) -> None:
-    from orchestrator.commands import make_console
     from rich.table import Table
+
+    from orchestrator.commands import make_console
+    from orchestrator.format import rate
 
     table = Table(title=f"GPU offers ({len(offers)}), {'spot' if spot else 'on-demand'} $/GPU-h, bundled snapshot {snapshot}")
     for name, justify in (("provider", "left"), ("region", "left"), ("instance", "left"), ("GPU", "left"),
@@ -107,7 +96,7 @@ def _print_table(offers, spot: bool, snapshot: str) -> None:
     for o in offers:
         source = "bundled" if o.source == "bundled" else f"sky {Path(o.source).parent.name}"
         table.add_row(o.provider, o.region, o.instance_type, f"{o.gpu} x{o.gpu_count}", f"{o.vram_gb_per_gpu:g}",
-                      _money(o.price_on_demand), _money(o.price_spot), _money(_per_gpu_hour(o, spot)),
+                      rate(o.price_on_demand), rate(o.price_spot), rate(_per_gpu_hour(o, spot)),
                       f"{source} {o.read_on or ''}".strip())
     make_console().print(table)
 

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from orchestrator.format import hours, percent_change, usd, usd_signed
+
 DEFAULT_TOP = 10
 SHOW_REJECTED = 5
 
@@ -14,7 +16,7 @@ SHOW_REJECTED = 5
 def _load(spec_path: Path):
     from orchestrator.catalog import load_managed_prices, load_offers
     from orchestrator.planner import make_plan
-    from orchestrator.spec import load_spec
+    from contract.spec import load_spec
 
     spec = load_spec(spec_path)
     return spec, make_plan(spec, load_offers(), load_managed_prices())
@@ -24,14 +26,8 @@ def _gpu(o) -> str:
     return f"{o.offer.gpu} x{o.offer.gpu_count}"
 
 
-def _hours(h: float) -> str:
-    return f"{h:,.2f}" if h < 100 else f"{h:,.0f}"
-
-
 def _print_options(console, plan, top: int) -> None:
     from rich.table import Table
-
-    from orchestrator.quote import money
 
     table = Table(title=f"{plan.job}: {plan.model_name} ({plan.params / 1e9:.2f}B) {plan.method}, "
                         f"{plan.total_tokens:,} tokens · {plan.catalog_snapshot}", title_justify="left")
@@ -41,8 +37,8 @@ def _print_options(console, plan, top: int) -> None:
         table.add_column(col, justify=justify, no_wrap=col not in ("region",))
     for o in plan.options[:top]:
         table.add_row(str(o.rank), o.offer.provider, o.offer.region, _gpu(o), "spot" if o.spot else "",
-                      f"{o.price_per_hour}", f"{o.tokens_per_second:,.0f}", _hours(o.expected_hours),
-                      f"${money(o.expected_cost):,}", f"{o.memory_gb_per_gpu:.1f} GB")
+                      f"{o.price_per_hour}", f"{o.tokens_per_second:,.0f}", hours(o.expected_hours),
+                      usd(o.expected_cost), f"{o.memory_gb_per_gpu:.1f} GB")
     console.print(table)
     feasible = plan.assumptions.get("feasible_options", len(plan.options))
     if feasible > top:
@@ -52,7 +48,6 @@ def _print_options(console, plan, top: int) -> None:
 def _print_managed(console, plan) -> None:
     from rich.table import Table
 
-    from orchestrator.quote import money
     from orchestrator.planner import break_even_tokens
 
     if not plan.managed:
@@ -60,7 +55,7 @@ def _print_managed(console, plan) -> None:
     best = plan.best
     setup = plan.assumptions.get("setup_hours", 0.0)
     table = Table(title="managed fine-tuning APIs, same tokens", title_justify="left")
-    for col in ("service", "model tier", "$/M tokens", "cost", f"vs best GPU (${money(best.expected_cost):,})", "note"):
+    for col in ("service", "model tier", "$/M tokens", "cost", f"vs best GPU ({usd(best.expected_cost)})", "note"):
         table.add_column(col, justify="right" if col in ("$/M tokens", "cost") else "left")
     for q in plan.managed:
         ratio = float(q.cost) / float(best.expected_cost) if best.expected_cost else float("inf")
@@ -69,7 +64,7 @@ def _print_managed(console, plan) -> None:
             versus = f"{ratio:.2f}x; cheaper per token at any size"
         else:
             versus = f"{ratio:.1f}x; GPU cheaper above {tokens / 1e6:,.2f}M tokens"
-        table.add_row(q.service, q.model, f"{q.price_per_million_tokens}", f"${money(q.cost):,}", versus, q.note)
+        table.add_row(q.service, q.model, f"{q.price_per_million_tokens}", usd(q.cost), versus, q.note)
     console.print(table)
 
 
@@ -81,7 +76,7 @@ def _print_rejected(console, plan) -> None:
     console.print(f"[bold]cheapest rejected[/] ({summary}):")
     for r in plan.rejected[:SHOW_REJECTED]:
         o = r.offer
-        cost = f" ${r.expected_cost:,.2f}" if r.expected_cost is not None else ""
+        cost = f" {usd(r.expected_cost)}" if r.expected_cost is not None else ""
         console.print(f"  {o.gpu} x{o.gpu_count} {o.provider} {o.region} {'spot' if r.spot else 'on-demand'}{cost}: "
                       f"{r.reason}: {r.detail}", markup=False)
 
@@ -134,14 +129,13 @@ def _diff(console, plan_a, plan_b, name_a: str, name_b: str) -> None:
     a, b = plan_a.best, plan_b.best
     d_cost = money(b.expected_cost) - money(a.expected_cost)
     d_hours = b.expected_hours - a.expected_hours
-    pct = lambda new, old: f"{(new - old) / old * 100:+.1f}%" if old else "n/a"  # noqa: E731
     console.print(f"\n[bold]diff[/] best option {name_a} -> {name_b}:")
     console.print(f"  {name_a}: {_gpu(a)} {a.offer.provider} {'spot' if a.spot else 'on-demand'}, "
-                  f"${money(a.expected_cost):,}, {a.expected_hours:.2f} h, {plan_a.total_tokens:,} tokens", markup=False)
+                  f"{usd(a.expected_cost)}, {a.expected_hours:.2f} h, {plan_a.total_tokens:,} tokens", markup=False)
     console.print(f"  {name_b}: {_gpu(b)} {b.offer.provider} {'spot' if b.spot else 'on-demand'}, "
-                  f"${money(b.expected_cost):,}, {b.expected_hours:.2f} h, {plan_b.total_tokens:,} tokens", markup=False)
-    console.print(f"  cost {'+' if d_cost >= 0 else '-'}${abs(d_cost):,} ({pct(float(b.expected_cost), float(a.expected_cost))}), "
-                  f"time {d_hours:+.2f} h ({pct(b.expected_hours, a.expected_hours)})", markup=False)
+                  f"{usd(b.expected_cost)}, {b.expected_hours:.2f} h, {plan_b.total_tokens:,} tokens", markup=False)
+    console.print(f"  cost {usd_signed(d_cost)} ({percent_change(b.expected_cost, a.expected_cost)}), "
+                  f"time {d_hours:+.2f} h ({percent_change(b.expected_hours, a.expected_hours)})", markup=False)
 
 
 def plan_command(

@@ -1,8 +1,9 @@
 """Estimates for one job: memory per GPU, tokens per second, spot preemption overhead.
 
 The models are code (memory.py, throughput.py, preemption.py); their figures are data, in
-calibration.yaml and preemption.yaml beside this file, each with its source. `Calibration`
-bundles that data with the catalog's GPU table so the planner itself does no I/O.
+calibration.yaml and preemption.yaml beside this file, each with its source, read into the typed
+tables of figures.py. `Calibration` bundles them with the catalog's GPU table so the planner
+itself does no I/O.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
-import yaml
+from orchestrator.datafile import display_path, load_data_file, validate
+from orchestrator.estimate.figures import (CalibrationFile, MicroStepFloor, Overheads, PreemptionFile, PreemptionRisk,
+                                           RecipeFigures, RuntimeFigures)
 
 HERE = Path(__file__).parent
 CALIBRATION_PATH = HERE / "calibration.yaml"
@@ -46,21 +49,23 @@ class DeviceSpec:
     name: str
     peak_tflops: float
     vram_gb: Optional[float]
-    mfu_override: Optional[dict] = None    # per method, for devices the MFU curves do not describe
+    mfu_override: Optional[dict[str, float]] = None    # per method, for devices the MFU curves do not describe
 
 
 @dataclass(frozen=True)
 class Calibration:
-    recipe: dict
-    runtime: dict
-    mfu: dict                      # method -> Curve (full, lora)
+    """Every figure the estimates use, read once from the data files beside this module."""
+
+    recipe: RecipeFigures
+    runtime: RuntimeFigures
+    mfu: dict[str, Curve]                  # method -> Curve (full, lora; QLoRA derives from lora)
     qlora_slowdown: Curve
-    multi_gpu_efficiency: dict     # gpu count -> efficiency
-    micro_step_floor: dict         # seconds, seconds_per_layer: the least time one micro-step takes
-    devices: dict                  # name -> DeviceSpec (catalog GPUs plus local devices)
-    overheads: dict
-    preemption_default: dict
-    preemption_providers: dict
+    multi_gpu_efficiency: dict[int, float]  # gpu count -> efficiency
+    micro_step_floor: MicroStepFloor
+    devices: dict[str, DeviceSpec]          # catalog GPUs plus local devices
+    overheads: Overheads
+    preemption_default: PreemptionRisk
+    preemption_providers: dict[str, PreemptionRisk]
     sources: dict = field(default_factory=dict)
 
     def device(self, name: str) -> Optional[DeviceSpec]:
@@ -71,70 +76,74 @@ class Calibration:
         below = [c for c in known if c <= gpu_count] or known[:1]
         return self.multi_gpu_efficiency[below[-1]]
 
-    def preemption(self, provider: str) -> dict:
+    def preemption(self, provider: str) -> PreemptionRisk:
         return self.preemption_providers.get(provider, self.preemption_default)
 
     def assumptions(self) -> dict:
         """The figures a plan used, with sources: printed in the plan, stored with the estimate."""
         return {
-            "recipe": {k: v for k, v in self.recipe.items()},
-            "runtime": dict(self.runtime),
+            "recipe": self.recipe.model_dump(),
+            "runtime": self.runtime.model_dump(exclude={"source"}),
             "mfu": {m: [list(p) for p in c.points] for m, c in self.mfu.items()},
             "qlora_slowdown": [list(p) for p in self.qlora_slowdown.points],
             "multi_gpu_efficiency": {str(k): v for k, v in sorted(self.multi_gpu_efficiency.items())},
-            "micro_step_floor": dict(self.micro_step_floor),
-            "overheads": dict(self.overheads),
-            "preemption": {"default": dict(self.preemption_default),
-                           **{p: dict(v) for p, v in sorted(self.preemption_providers.items())}},
+            "micro_step_floor": self.micro_step_floor.model_dump(exclude={"source"}),
+            "overheads": self.overheads.model_dump(exclude={"source"}),
+            "preemption": {"default": self.preemption_default.model_dump(),
+                           **{p: v.model_dump() for p, v in sorted(self.preemption_providers.items())}},
             "throughput_scaling": "MFU measured on the reference GPU, applied to each GPU's peak dense bf16 TFLOP/s",
             "sources": dict(self.sources),
         }
 
 
-def _curve(entries: list[dict], key: str) -> Curve:
-    return Curve(tuple(sorted((float(e["params"]), float(e[key])) for e in entries)))
+def _curve(points, figure: str) -> Curve:
+    return Curve(tuple(sorted((p.params, getattr(p, figure)) for p in points)))
 
 
-def calibration_from_data(calibration: dict, preemption: dict, gpu_specs: dict) -> Calibration:
-    """Build a Calibration from parsed YAML and the catalog's GPU table (name -> GpuSpec)."""
-    tp = calibration["throughput"]
-    recipe = dict(calibration["recipe"])
-    upcast = "fp32_upcast" if recipe.get("qlora_fp32_upcast") else "bf16"
-    devices = {name: DeviceSpec(name, float(s.bf16_tflops), float(s.vram_gb)) for name, s in gpu_specs.items()}
-    for name, d in (calibration.get("devices") or {}).items():
-        devices[name] = DeviceSpec(name, float(d["peak_tflops"]),
-                                   None if d.get("vram_gb") is None else float(d["vram_gb"]),
-                                   mfu_override=dict(d.get("mfu") or {}) or None)
+def calibration_from_data(calibration: CalibrationFile | dict, preemption: PreemptionFile | dict,
+                          gpu_specs: dict) -> Calibration:
+    """A Calibration from the two data files (parsed models, or raw YAML to validate) and the
+    catalog's GPU table (name -> GpuSpec)."""
+    if not isinstance(calibration, CalibrationFile):
+        calibration = validate(calibration, CalibrationFile, display_path(CALIBRATION_PATH))
+    if not isinstance(preemption, PreemptionFile):
+        preemption = validate(preemption, PreemptionFile, display_path(PREEMPTION_PATH))
+    tp = calibration.throughput
+    slowdown = tp.qlora_slowdown.fp32_upcast if calibration.recipe.qlora_fp32_upcast else tp.qlora_slowdown.bf16
+    devices = {name: DeviceSpec(name, s.bf16_tflops, s.vram_gb) for name, s in gpu_specs.items()}
+    for name, d in calibration.devices.items():
+        devices[name] = DeviceSpec(name, d.peak_tflops, d.vram_gb, mfu_override=dict(d.mfu) or None)
+    mfu = {"full": tp.mfu.full, "lora": tp.mfu.lora}
     sources = {
-        "recipe": recipe.get("source", ""),
-        "runtime": calibration["runtime"].get("source", ""),
-        "mfu": {m: [e.get("source", "") for e in entries] for m, entries in tp["mfu"].items()},
-        "qlora_slowdown": [e.get("source", "") for e in tp["qlora_slowdown"][upcast]],
-        "multi_gpu_efficiency": tp["multi_gpu_efficiency"].get("source", ""),
-        "micro_step_floor": tp["micro_step_floor"].get("source", ""),
-        "devices": {n: d.get("source", "") for n, d in (calibration.get("devices") or {}).items()},
-        "overheads": calibration["overheads"].get("source", ""),
+        "recipe": calibration.recipe.source,
+        "runtime": calibration.runtime.source,
+        "mfu": {m: [p.source for p in points] for m, points in mfu.items()},
+        "qlora_slowdown": [p.source for p in slowdown],
+        "multi_gpu_efficiency": tp.multi_gpu_efficiency.source,
+        "micro_step_floor": tp.micro_step_floor.source,
+        "devices": {n: d.source for n, d in calibration.devices.items()},
+        "overheads": calibration.overheads.source,
     }
     return Calibration(
-        recipe=recipe,
-        runtime={k: v for k, v in calibration["runtime"].items() if k != "source"},
-        mfu={m: _curve(entries, "mfu") for m, entries in tp["mfu"].items()},
-        qlora_slowdown=_curve(tp["qlora_slowdown"][upcast], "factor"),
-        multi_gpu_efficiency={int(k): float(v) for k, v in tp["multi_gpu_efficiency"]["counts"].items()},
-        micro_step_floor={k: float(v) for k, v in tp["micro_step_floor"].items() if k != "source"},
+        recipe=calibration.recipe,
+        runtime=calibration.runtime,
+        mfu={m: _curve(points, "mfu") for m, points in mfu.items()},
+        qlora_slowdown=_curve(slowdown, "factor"),
+        multi_gpu_efficiency=dict(tp.multi_gpu_efficiency.counts),
+        micro_step_floor=tp.micro_step_floor,
         devices=devices,
-        overheads={k: v for k, v in calibration["overheads"].items() if k != "source"},
-        preemption_default=dict(preemption["default"]),
-        preemption_providers={p: dict(v) for p, v in (preemption.get("providers") or {}).items()},
+        overheads=calibration.overheads,
+        preemption_default=preemption.default,
+        preemption_providers=dict(preemption.providers),
         sources=sources,
     )
 
 
 @lru_cache(maxsize=1)
 def load_calibration() -> Calibration:
-    """The bundled calibration with the catalog's GPU table (read once per process)."""
+    """The bundled calibration with the catalog's GPU table (read once per process); a malformed
+    file is a one-line DataFileError naming the file and the field."""
     from orchestrator.catalog import gpu_specs
 
-    calibration = yaml.safe_load(CALIBRATION_PATH.read_text(encoding="utf-8"))
-    preemption = yaml.safe_load(PREEMPTION_PATH.read_text(encoding="utf-8"))
-    return calibration_from_data(calibration, preemption, gpu_specs())
+    return calibration_from_data(load_data_file(CALIBRATION_PATH, CalibrationFile),
+                                 load_data_file(PREEMPTION_PATH, PreemptionFile), gpu_specs())

@@ -63,7 +63,7 @@ def _targets(target_modules) -> tuple[str, ...]:
 
 
 def _qlora_upcast(method: str, cal: Calibration) -> bool:
-    return method == "qlora" and bool(cal.recipe.get("qlora_fp32_upcast"))
+    return method == "qlora" and cal.recipe.qlora_fp32_upcast
 
 
 def activation_bytes_per_token_layer(arch: ModelArch, method: str, target_modules, lora_dropout: float,
@@ -104,18 +104,19 @@ def model_state_bytes(arch: ModelArch, method: str, lora_r: int, target_modules,
     """(weights, gradients, optimizer) bytes for the whole model, before sharding."""
     n = arch.params
     if method == "full":
-        b = cal.recipe["full_bytes_per_param"]
-        return n * b["weights"], n * b["gradients"], n * b["optimizer"]
+        per_param = cal.recipe.full_bytes_per_param
+        return n * per_param.weights, n * per_param.gradients, n * per_param.optimizer
     adapter = arch.lora_params(lora_r, target_modules)
-    ab = cal.recipe["adapter_bytes_per_param"]
+    per_adapter_param = cal.recipe.adapter_bytes_per_param
     if method == "lora":
         base = 2 * n
     else:
         quantized = arch.linear_params
         kept_bytes = 4 if _qlora_upcast(method, cal) else 2
-        base = (quantized * (cal.recipe["nf4_bytes_per_param"] + cal.recipe["nf4_constants_bytes_per_param"])
+        base = (quantized * (cal.recipe.nf4_bytes_per_param + cal.recipe.nf4_constants_bytes_per_param)
                 + (n - quantized) * kept_bytes)
-    return base + adapter * ab["weights"], adapter * ab["gradients"], adapter * ab["optimizer"]
+    return (base + adapter * per_adapter_param.weights, adapter * per_adapter_param.gradients,
+            adapter * per_adapter_param.optimizer)
 
 
 def estimate_memory(arch: ModelArch, method: str, *, seq_len: int, micro_batch: int, gradient_checkpointing: bool,
@@ -130,8 +131,8 @@ def estimate_memory(arch: ModelArch, method: str, *, seq_len: int, micro_batch: 
         fsdp = 2 * 2 * (arch.linear_params / arch.layers)
     per_layer = activation_bytes_per_token_layer(arch, method, target_modules, lora_dropout, cal) * tokens
     upcast = _qlora_upcast(method, cal)
-    head = "fp32_head" if upcast else "bf16_head"
-    logits = cal.recipe["logits_bytes_per_token_vocab"][head] * arch.vocab * tokens
+    per_token_vocab = cal.recipe.logits_bytes_per_token_vocab
+    logits = (per_token_vocab.fp32_head if upcast else per_token_vocab.bf16_head) * arch.vocab * tokens
     if gradient_checkpointing:
         # Each layer keeps only its input; backward recomputes one layer at a time. The loss's
         # backward (logits peak) comes before any recompute, so the larger of the two sets the peak.
@@ -142,7 +143,7 @@ def estimate_memory(arch: ModelArch, method: str, *, seq_len: int, micro_batch: 
     else:
         activations = arch.layers * per_layer
     allocated = weights + grads + optim + fsdp + activations + logits
-    runtime = allocated * cal.runtime["allocator_fragmentation"] + cal.runtime["cuda_context_gib"] * GIB
+    runtime = allocated * cal.runtime.allocator_fragmentation + cal.runtime.cuda_context_gib * GIB
     return MemoryEstimate(weights, grads, optim, fsdp, activations, logits, runtime,
                           micro_batch, gradient_checkpointing, gpu_count)
 

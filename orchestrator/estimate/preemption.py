@@ -8,6 +8,7 @@ preemption.yaml. Checkpoint writes pause training on spot and on-demand alike.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 from orchestrator.estimate import Calibration
@@ -28,10 +29,10 @@ def checkpoint_interval_hours(every_minutes: Optional[float], every_steps: Optio
 def checkpoint_bytes(arch: ModelArch, method: str, lora_r: int, target_modules, cal: Calibration) -> float:
     """What a resumable checkpoint holds: trainable weights and optimizer states (not a frozen base)."""
     if method == "full":
-        b = cal.recipe["full_bytes_per_param"]
-        return arch.params * (b["weights"] + b["optimizer"])
-    b = cal.recipe["adapter_bytes_per_param"]
-    return arch.lora_params(lora_r, target_modules) * (b["weights"] + b["optimizer"])
+        per_param = cal.recipe.full_bytes_per_param
+        return arch.params * (per_param.weights + per_param.optimizer)
+    per_param = cal.recipe.adapter_bytes_per_param
+    return arch.lora_params(lora_r, target_modules) * (per_param.weights + per_param.optimizer)
 
 
 def checkpoint_writes(run_hours: float, interval_hours: float, bytes_per_checkpoint: float,
@@ -39,14 +40,25 @@ def checkpoint_writes(run_hours: float, interval_hours: float, bytes_per_checkpo
     """(checkpoints written during the run, seconds each): training pauses while one is written."""
     if interval_hours <= 0 or run_hours <= 0:
         return 0, 0.0
-    return int(run_hours // interval_hours), bytes_per_checkpoint / (cal.overheads["checkpoint_write_gb_per_s"] * 1e9)
+    return int(run_hours // interval_hours), bytes_per_checkpoint / (cal.overheads.checkpoint_write_gb_per_s * 1e9)
 
 
-def preemption_overhead_hours(provider: str, run_hours: float, interval_hours: float, cal: Calibration) -> tuple[float, dict]:
-    """(expected extra hours on spot, the figures used) for this provider."""
-    p = cal.preemption(provider)
-    rate = float(p["rate_per_hour"])
-    restart_hours = float(p["restart_minutes"]) / 60
+@dataclass(frozen=True)
+class PreemptionOverhead:
+    """Expected extra hours of a spot run, with the figures that gave them (for the cost line)."""
+
+    hours: float
+    rate_per_hour: float
+    restart_hours: float
+    interval_hours: float
+    source: str
+
+
+def preemption_overhead_hours(provider: str, run_hours: float, interval_hours: float,
+                              cal: Calibration) -> PreemptionOverhead:
+    """The expected extra hours on spot for this provider."""
+    risk = cal.preemption(provider)
+    rate = float(risk.rate_per_hour)
+    restart_hours = float(risk.restart_minutes) / 60
     extra = rate * run_hours * (interval_hours / 2 + restart_hours)
-    return extra, {"rate_per_hour": rate, "restart_hours": restart_hours, "interval_hours": interval_hours,
-                   "source": p.get("source", "")}
+    return PreemptionOverhead(extra, rate, restart_hours, interval_hours, risk.source)

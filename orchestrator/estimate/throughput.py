@@ -69,7 +69,7 @@ def estimate_throughput(arch: ModelArch, method: str, *, seq_len: int, gradient_
     tps = device.peak_tflops * 1e12 * gpu_count * scaling * mfu / fpt
     if micro_batch:
         tokens = micro_batch * seq_len
-        floor = cal.micro_step_floor["seconds"] + cal.micro_step_floor["seconds_per_layer"] * arch.layers
+        floor = cal.micro_step_floor.seconds + cal.micro_step_floor.seconds_per_layer * arch.layers
         capped = tokens * gpu_count * scaling / floor
         if capped < tps:
             return ThroughputEstimate(capped, fpt, mfu, device.peak_tflops, gpu_count, scaling, floor, tokens)

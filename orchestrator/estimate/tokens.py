@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from orchestrator.errors import UserError
+from contract.errors import UserError
 
 CHARS_PER_TOKEN = 4.0
 

@@ -7,6 +7,10 @@ Create Date: 2026-11-23
 Jobs, their estimates (written once), attempts, checkpoints, progress samples, the recipe's
 lifecycle events and the per-job events.jsonl read cursor.
 
+Written out column by column as Alembic's autogenerate emits it: a migration is a frozen record
+of the schema at that revision, so tables that share columns repeat them here on purpose
+rather than sharing code that a later change could alter under an applied revision.
+
 """
 from typing import Sequence, Union
 

@@ -1,7 +1,11 @@
-"""JobSpec: what the user asks for, as YAML validated by pydantic.
+"""The job spec, as YAML validated by pydantic: one schema for the planner, the backends and the recipe.
 
-The same YAML file is read by the recipe (`recipes/config.py`), which only looks at the
-training sections; this module is the control plane's full view, planning sections included.
+`TrainingSpec` holds the sections the recipe runs (model, method, data, batch, checkpoints, the
+training loop); `JobSpec` composes it with the planning sections (`constraints`, `local`,
+`sky`) that only the control plane reads. Every layer loads a spec file through `load_spec`,
+so validation and its one-line errors are written once. The recipe adds one requirement of
+its own (`for_training=True`): a dataset file, since `data.examples`/`tokens_per_example` only
+size a plan.
 """
 from __future__ import annotations
 
@@ -9,13 +13,15 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from orchestrator.errors import UserError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from contract.errors import UserError
+
 Method = Literal["full", "lora", "qlora"]
+PLANNING_SECTIONS = ("constraints", "local", "sky")
 
 
 class SpecError(UserError):
@@ -35,6 +41,8 @@ class LoraSpec(_Strict):
 
 class DataSpec(_Strict):
     path: Optional[str] = None
+    # Planning-only sizes, for a plan made before the data exists; never a substitute for `path`
+    # when training.
     examples: Optional[int] = Field(None, ge=1)
     tokens_per_example: Optional[int] = Field(None, ge=1)
     format: Literal["auto", "alpaca", "chat", "text"] = "auto"
@@ -67,18 +75,9 @@ class CheckpointSpec(_Strict):
     keep: int = Field(2, ge=1)
 
 
-class Constraints(_Strict):
-    gpus: Optional[list[str]] = None
-    providers: Optional[list[str]] = None
-    regions: Optional[list[str]] = None
-    spot: Literal["auto", "always", "never"] = "auto"
-    max_price_per_hour: Optional[float] = Field(None, gt=0)
-    budget: Optional[float] = Field(None, gt=0)
-    deadline_hours: Optional[float] = Field(None, gt=0)
-    max_gpus: int = Field(8, ge=1)
-
-
 class TrainSpec(_Strict):
+    """The spec's `train:` section: optimizer, schedule, seed, step limits."""
+
     lr: float = Field(2e-4, gt=0)
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
@@ -90,8 +89,19 @@ class TrainSpec(_Strict):
     log_every_steps: int = Field(1, ge=1)
 
 
+class Constraints(_Strict):
+    gpus: Optional[list[str]] = None
+    providers: Optional[list[str]] = None
+    regions: Optional[list[str]] = None
+    spot: Literal["auto", "always", "never"] = "auto"
+    max_price_per_hour: Optional[float] = Field(None, gt=0)
+    budget: Optional[float] = Field(None, gt=0)
+    deadline_hours: Optional[float] = Field(None, gt=0)
+    max_gpus: int = Field(8, ge=1)
+
+
 class LocalSpec(_Strict):
-    """The local backend's price: what an hour of this machine really costs you."""
+    """The hourly-priced backends' price: what an hour of this machine (or cluster) really costs you."""
 
     price_per_hour: float = Field(0.0, ge=0)
     gpu: Optional[str] = None
@@ -105,7 +115,9 @@ class SkySpec(_Strict):
     max_options: int = Field(8, ge=1, le=64)
 
 
-class JobSpec(_Strict):
+class TrainingSpec(_Strict):
+    """What the recipe runs."""
+
     name: str
     model: str
     method: Method
@@ -115,10 +127,7 @@ class JobSpec(_Strict):
     epochs: float = Field(1, gt=0)
     batch: BatchSpec = Field(default_factory=BatchSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
-    constraints: Constraints = Field(default_factory=Constraints)
     train: TrainSpec = Field(default_factory=TrainSpec)
-    local: LocalSpec = Field(default_factory=LocalSpec)
-    sky: SkySpec = Field(default_factory=SkySpec)
 
     @field_validator("name")
     @classmethod
@@ -127,7 +136,7 @@ class JobSpec(_Strict):
             raise ValueError("must be lowercase letters, digits, '.', '_' or '-' (at most 63), starting with a letter or digit")
         return v
 
-    # Where the spec file lives; relative data paths resolve against it. Not part of the spec.
+    # Where the spec file lives; a relative data.path resolves against it. Not part of the spec.
     _base_dir: Path = Path(".")
 
     def data_path(self) -> Optional[Path]:
@@ -144,13 +153,27 @@ class JobSpec(_Strict):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _field_path(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc if p not in ("function-after",)) or "spec"
+class JobSpec(TrainingSpec):
+    """The whole spec: the training sections plus what only the control plane plans with."""
+
+    constraints: Constraints = Field(default_factory=Constraints)
+    local: LocalSpec = Field(default_factory=LocalSpec)
+    sky: SkySpec = Field(default_factory=SkySpec)
+
+    def node_spec(self, data_path: Optional[str] = None) -> dict[str, Any]:
+        """The spec as the node reads it: self-contained, with data.path absolute (or `data_path`,
+        where the backend ships the data file elsewhere, such as a bucket mount)."""
+        raw = self.to_dict()
+        if data_path is not None:
+            raw["data"]["path"] = data_path
+        elif self.data_path() is not None:
+            raw["data"]["path"] = str(self.data_path().resolve())
+        return raw
 
 
 def _one_line(err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = _field_path(first["loc"])
+    loc = ".".join(str(p) for p in first["loc"] if p not in ("function-after",)) or "spec"
     kind = first["type"]
     if kind == "extra_forbidden":
         return f"unknown field '{loc}'"
@@ -161,18 +184,22 @@ def _one_line(err: ValidationError) -> str:
     return f"field '{loc}': {msg}" + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
 
 
-def parse_spec(raw: dict, base_dir: Path | str = ".") -> JobSpec:
+def parse_spec(raw: object, base_dir: Path | str = ".", *, for_training: bool = False) -> JobSpec:
     if not isinstance(raw, dict):
         raise SpecError("spec must be a YAML mapping of fields (name, model, method, data, ...)")
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as e:
         raise SpecError(_one_line(e)) from None
+    if for_training and spec.data.path is None:
+        raise SpecError("missing field 'data.path': training needs a dataset file "
+                        "(data.examples/data.tokens_per_example only size a plan)")
     spec._base_dir = Path(base_dir)
     return spec
 
 
-def load_spec(path: Path | str) -> JobSpec:
+def load_spec(path: Path | str, *, for_training: bool = False) -> JobSpec:
+    """Read and validate a spec file; every problem is a one-line SpecError naming the file."""
     path = Path(path)
     if not path.exists():
         raise SpecError(f"spec file not found: {path}")
@@ -186,6 +213,6 @@ def load_spec(path: Path | str) -> JobSpec:
         problem = getattr(e, "problem", None) or "invalid YAML"
         raise SpecError(f"{path}: malformed YAML{where}: {problem}") from None
     try:
-        return parse_spec(raw, base_dir=path.resolve().parent)
+        return parse_spec(raw, base_dir=path.resolve().parent, for_training=for_training)
     except SpecError as e:
         raise SpecError(f"{path}: {e}") from None

@@ -1,0 +1,136 @@
+"""The one protocol every compute backend speaks, and the values that cross it.
+
+A backend owns recovery (the local supervisor, SkyPilot's managed jobs, Ray's job driver); the
+orchestrator only observes. `poll` returns the whole attempt history the backend knows, and the
+orchestrator upserts it into the ledger keyed by (job, attempt number), so a CLI that died and
+re-attached neither loses nor double-counts an attempt.
+
+Everything a caller needs to know about a backend is on the protocol (how it is priced, how
+often to poll it, which options it takes, what a dry run would do), so no caller asks which
+backend it holds.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Literal, Optional, Protocol
+
+from contract.errors import UserError
+from contract.placement import Placement
+from contract.spec import JobSpec
+
+JobState = Literal["pending", "running", "recovering", "succeeded", "failed", "cancelled"]
+TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+EndReason = Literal["finished", "preempted", "failed", "cancelled", "over_budget"]
+END_REASONS = ("finished", "preempted", "failed", "cancelled", "over_budget")
+# "catalog": the plan ranks cloud offers from the price catalog. "hourly": the job runs on
+# hardware you already have (this machine, a Ray cluster), priced at the spec's local.price_per_hour.
+Pricing = Literal["catalog", "hourly"]
+
+
+class BackendError(RuntimeError):
+    """A backend could not do what was asked; the message is the one line the user sees."""
+
+
+def first_line(e: BaseException) -> str:
+    """An SDK exception as one line for a BackendError (colour codes dropped)."""
+    text = str(e).strip() or type(e).__name__
+    return re.sub(r"\x1b\[[0-9;]*m", "", text.splitlines()[0])
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    job_id: str
+    spec: JobSpec                # validated; the backend never re-parses a file
+    node_spec: dict              # the spec as the node reads it (JobSpec.node_spec): written, not re-derived
+    run_dir: Path                # <state>/runs/<job_id>: events.jsonl, checkpoints/, logs
+    placements: tuple[Placement, ...]  # allowed placements, the chosen one first, then cheapest first
+    env: dict = field(default_factory=dict)  # non-secret environment only
+
+
+@dataclass(frozen=True)
+class ObservedAttempt:
+    n: int                       # 1-based, stable across polls
+    placement: Placement
+    started_at: datetime         # UTC
+    ended_at: Optional[datetime] = None
+    end_reason: Optional[EndReason] = None
+    external_id: Optional[str] = None
+    detail: Optional[str] = None  # e.g. exit code, signal, the backend's failure status
+
+
+@dataclass(frozen=True)
+class Observation:
+    state: JobState
+    attempts: tuple[ObservedAttempt, ...]
+    detail: Optional[str] = None          # why it failed, in one line
+    events_path: Optional[Path] = None    # a local copy of the recipe's events.jsonl
+
+
+@dataclass(frozen=True)
+class DeviceReport:
+    """What an hourly-priced backend runs on, as the hardware names it (None: no GPU found)."""
+
+    gpu: Optional[str]
+    count: int
+    vram_gib: Optional[float] = None
+
+
+class Backend(Protocol):
+    name: ClassVar[str]
+    pricing: ClassVar[Pricing]
+    options: ClassVar[tuple[str, ...]]   # keyword options (CLI flags) this backend accepts
+    poll_seconds: float                  # how often a watcher should poll it
+
+    def __init__(self, state_dir: Path, **options: Any) -> None: ...
+
+    def device(self) -> DeviceReport:
+        """Hourly-priced backends: the hardware a job would run on (catalog backends: none)."""
+
+    def describe(self, request: LaunchRequest) -> str:
+        """What submit would do, for a dry run; starts nothing."""
+
+    def submit(self, request: LaunchRequest) -> str:
+        """Start the job; return the backend's external id. Must not block on training."""
+
+    def poll(self, external_id: str) -> Observation: ...
+
+    def cancel(self, external_id: str, *, graceful: bool = True) -> None:
+        """graceful: ask the recipe to checkpoint first (SIGTERM), then stop."""
+
+    def logs(self, external_id: str, *, follow: bool = False) -> Iterator[str]: ...
+
+
+# Looked up by name and imported only when used: `spotune --help` must not import sky or ray.
+BACKENDS = {
+    "local": "launch.local:LocalBackend",
+    "skypilot": "launch.skypilot:SkyPilotBackend",
+    "ray": "launch.ray:RayBackend",
+}
+
+
+class UnknownBackend(UserError):
+    pass
+
+
+def backend_class(name: str) -> type:
+    if name not in BACKENDS:
+        raise UnknownBackend(f"unknown backend {name!r} (choose one of: {', '.join(BACKENDS)})")
+    module_name, class_name = BACKENDS[name].split(":")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except ImportError as e:
+        raise UnknownBackend(f"backend {name!r} is not available here: {e}") from None
+
+
+def make_backend(name: str, state_dir: Path, **options: Any) -> Backend:
+    """The backend called `name`, with the options the user set (None and False mean 'not set')."""
+    cls = backend_class(name)
+    given = {k: v for k, v in options.items() if v is not None and v is not False}
+    foreign = [k for k in given if k not in cls.options]
+    if foreign:
+        raise UnknownBackend(f"--{foreign[0].replace('_', '-')} does not apply to --backend {name}")
+    return cls(Path(state_dir), **given)

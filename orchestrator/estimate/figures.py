@@ -1,0 +1,136 @@
+"""The shape of calibration.yaml and preemption.yaml: every figure the estimates read, typed.
+
+Field names are the YAML keys, so a figure's name in code is the name beside its source in the
+data. Each table carries its `source`: a figure without one is an error, not an unexplained number.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, StrictBool
+
+from orchestrator.datafile import DataModel, Number, PositiveNumber, PositiveReal, Real
+
+Method = Literal["full", "lora", "qlora"]
+
+
+class BytesPerParam(DataModel):
+    weights: Number
+    gradients: Number
+    optimizer: Number
+
+
+class LogitsBytes(DataModel):
+    """Bytes per (token x vocabulary entry) at the loss's peak, by the dtype of the LM head."""
+
+    bf16_head: PositiveNumber
+    fp32_head: PositiveNumber
+
+
+class RecipeFigures(DataModel):
+    """What the training loop keeps in memory; measured with the recipe the anchors describe."""
+
+    full_bytes_per_param: BytesPerParam
+    adapter_bytes_per_param: BytesPerParam
+    nf4_bytes_per_param: PositiveNumber
+    nf4_constants_bytes_per_param: Number
+    qlora_fp32_upcast: StrictBool = False
+    logits_bytes_per_token_vocab: LogitsBytes
+    source: str
+
+
+class RuntimeFigures(DataModel):
+    """Memory outside the model's tensors: CUDA context and allocator slack."""
+
+    cuda_context_gib: Number
+    allocator_fragmentation: Number
+    source: str
+
+
+class MfuPoint(DataModel):
+    params: PositiveReal
+    mfu: PositiveReal
+    source: str
+
+
+class SlowdownPoint(DataModel):
+    params: PositiveReal
+    factor: PositiveReal
+    source: str
+
+
+class MfuByMethod(DataModel):
+    # QLoRA has no curve of its own: it is LoRA's MFU divided by the QLoRA slowdown.
+    full: list[MfuPoint] = Field(min_length=1)
+    lora: list[MfuPoint] = Field(min_length=1)
+
+
+class QloraSlowdown(DataModel):
+    """QLoRA time per token over LoRA's, with and without prepare_model_for_kbit_training's fp32 upcast."""
+
+    fp32_upcast: list[SlowdownPoint] = Field(min_length=1)
+    bf16: list[SlowdownPoint] = Field(min_length=1)
+
+
+class MicroStepFloor(DataModel):
+    """The least time one micro-step takes, whatever the model size (eager PyTorch overhead)."""
+
+    seconds: Real
+    seconds_per_layer: Real
+    source: str
+
+
+class MultiGpuEfficiency(DataModel):
+    counts: dict[int, PositiveReal] = Field(min_length=1)   # GPU count -> fraction of linear scaling
+    source: str
+
+
+class ThroughputFigures(DataModel):
+    reference_gpu: str
+    reference_peak_tflops: PositiveReal
+    mfu: MfuByMethod
+    qlora_slowdown: QloraSlowdown
+    micro_step_floor: MicroStepFloor
+    multi_gpu_efficiency: MultiGpuEfficiency
+
+
+class DeviceFigures(DataModel):
+    """A device outside the catalog's GPU table (this machine's CPU), with its own measured MFU."""
+
+    peak_tflops: PositiveReal
+    vram_gb: Optional[PositiveReal] = None     # None: memory is not checked (host RAM)
+    mfu: dict[Method, PositiveNumber] = Field(default_factory=dict)
+    source: str
+
+
+class Overheads(DataModel):
+    """Time billed outside training steps."""
+
+    setup_minutes: Number
+    checkpoint_write_gb_per_s: PositiveNumber
+    source: str
+
+
+class CalibrationFile(DataModel):
+    """calibration.yaml."""
+
+    recipe: RecipeFigures
+    runtime: RuntimeFigures
+    throughput: ThroughputFigures
+    devices: dict[str, DeviceFigures] = Field(default_factory=dict)
+    overheads: Overheads
+
+
+class PreemptionRisk(DataModel):
+    """One provider's spot preemption rate and the time a recovery takes."""
+
+    rate_per_hour: Number
+    restart_minutes: Number
+    source: str
+
+
+class PreemptionFile(DataModel):
+    """preemption.yaml: a default plus per-provider figures."""
+
+    default: PreemptionRisk
+    providers: dict[str, PreemptionRisk] = Field(default_factory=dict)
