@@ -16,16 +16,20 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Literal, Optional, Protocol
+from typing import Any, ClassVar, Iterator, Literal, Optional, Protocol, Sequence
 
 from contract.errors import UserError
 from contract.placement import Placement
 from contract.spec import JobSpec
 
-JobState = Literal["pending", "running", "recovering", "succeeded", "failed", "cancelled"]
-TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+# over_budget: the backend (the local supervisor) or the node stopped the job with a checkpoint
+# because running on would pass the spec's budget.
+JobState = Literal["pending", "running", "recovering", "succeeded", "failed", "cancelled", "over_budget"]
+TERMINAL_STATES = ("succeeded", "failed", "cancelled", "over_budget")
 EndReason = Literal["finished", "preempted", "failed", "cancelled", "over_budget"]
 END_REASONS = ("finished", "preempted", "failed", "cancelled", "over_budget")
+AttemptKind = Literal["training", "controller"]
+CONTROLLER_ATTEMPT = 0  # the attempt number a controller line takes: attempts proper count from 1
 # "catalog": the plan ranks cloud offers from the price catalog. "hourly": the job runs on
 # hardware you already have (this machine, a Ray cluster), priced at the spec's local.price_per_hour.
 Pricing = Literal["catalog", "hourly"]
@@ -60,6 +64,9 @@ class ObservedAttempt:
     end_reason: Optional[EndReason] = None
     external_id: Optional[str] = None
     detail: Optional[str] = None  # e.g. exit code, signal, the backend's failure status
+    # "training": an attempt at the job itself. "controller": what the backend's own machinery cost
+    # over the job (SkyPilot's jobs controller VM), billed like an attempt but no attempt at training.
+    kind: AttemptKind = "training"
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,14 @@ class Observation:
     attempts: tuple[ObservedAttempt, ...]
     detail: Optional[str] = None          # why it failed, in one line
     events_path: Optional[Path] = None    # a local copy of the recipe's events.jsonl
+
+
+@dataclass(frozen=True)
+class Feasibility:
+    """Which placements a backend can run a job on, and why not the others (each with one line)."""
+
+    launchable: tuple[Placement, ...]
+    rejected: tuple[tuple[Placement, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,11 @@ class Backend(Protocol):
     def device(self) -> DeviceReport:
         """Hourly-priced backends: the hardware a job would run on (catalog backends: none)."""
 
+    def feasible(self, spec: JobSpec, placements: Sequence[Placement]) -> Feasibility:
+        """Which of the plan's placements this backend can launch `spec` on, in their order, and
+        the reason for each other one (a cloud that is not enabled, a feature the task needs that
+        the cloud lacks). Asked before a job is recorded; starts nothing."""
+
     def describe(self, request: LaunchRequest) -> str:
         """What submit would do, for a dry run; starts nothing."""
 
@@ -103,6 +123,16 @@ class Backend(Protocol):
 
     def logs(self, external_id: str, *, follow: bool = False) -> Iterator[str]: ...
 
+    def find(self, job_id: str, run_dir: Path) -> Optional[str]:
+        """The external id of a job whose submit may have started but was never recorded (the
+        launching CLI died in between), or None if nothing of it was started. Backends that cannot
+        look a job up by its id leave this out; callers then say so."""
+
+    def restart(self, external_id: str) -> bool:
+        """Bring back the process that owns the job's recovery if it died without settling the job
+        (the local supervisor was killed): the job goes on from its last checkpoint. False when
+        nothing needed restarting. Backends whose recovery lives elsewhere leave this out."""
+
 
 # Looked up by name and imported only when used: `spotune --help` must not import sky or ray.
 BACKENDS = {
@@ -112,13 +142,29 @@ BACKENDS = {
 }
 
 
+# The package each backend drives and the spotune extra that installs it: checked before the
+# backend is built, so a missing one is one line saying what to install, not a traceback.
+EXTRAS = {"skypilot": ("sky", "sky"), "ray": ("ray", "ray")}
+
+
 class UnknownBackend(UserError):
     pass
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: a module set to None in sys.modules (not importable)
+        return False
 
 
 def backend_class(name: str) -> type:
     if name not in BACKENDS:
         raise UnknownBackend(f"unknown backend {name!r} (choose one of: {', '.join(BACKENDS)})")
+    if name in EXTRAS and not _installed(EXTRAS[name][0]):
+        raise UnknownBackend(f"the {name} backend needs the {EXTRAS[name][1]} extra: pip install 'spotune[{EXTRAS[name][1]}]'")
     module_name, class_name = BACKENDS[name].split(":")
     try:
         return getattr(importlib.import_module(module_name), class_name)

@@ -23,6 +23,11 @@ EXIT_FINISHED = 0
 EXIT_CRASH = 1
 EXIT_BAD_INPUT = 2   # one line on stderr, nothing written to checkpoints; never worth a retry
 EXIT_PREEMPTED = 75  # SIGTERM/SIGINT, after a clean checkpoint (EX_TEMPFAIL: try again)
+# The run cannot go on, and running it again would end the same way: a launcher never retries these.
+EXIT_DISK_FULL = 74    # ENOSPC, EROFS or EDQUOT (EX_IOERR): partial files removed, the last checkpoint kept
+EXIT_OVER_BUDGET = 80  # spent + the next checkpoint interval would pass the budget: stopped after a checkpoint
+EXIT_DIVERGED = 81     # the loss went NaN/inf: stopped without saving the non-finite weights
+FINAL_EXIT_CODES = frozenset({EXIT_BAD_INPUT, EXIT_DISK_FULL, EXIT_OVER_BUDGET, EXIT_DIVERGED})
 
 EVENTS_FILE = "events.jsonl"
 
@@ -34,12 +39,17 @@ CHECKPOINT_SKIPPED = "checkpoint_skipped"
 PREEMPTED = "preempted"
 FINISHED = "finished"
 ERROR = "error"
+OVER_BUDGET = "over_budget"
+DIVERGED = "diverged"
+DEVIATION = "deviation"
 
-EVENT_NAMES = (START, STEP, CHECKPOINT, CHECKPOINT_SKIPPED, PREEMPTED, FINISHED, ERROR)
+EVENT_NAMES = (START, STEP, CHECKPOINT, CHECKPOINT_SKIPPED, PREEMPTED, FINISHED, ERROR, OVER_BUDGET, DIVERGED,
+               DEVIATION)
 # Events that change what the ledger bills or what a resume starts from: fsynced when written.
-DURABLE_EVENTS = frozenset({START, CHECKPOINT, CHECKPOINT_SKIPPED, PREEMPTED, FINISHED, ERROR})
+DURABLE_EVENTS = frozenset({START, CHECKPOINT, CHECKPOINT_SKIPPED, PREEMPTED, FINISHED, ERROR, OVER_BUDGET,
+                            DIVERGED})
 # Events the ledger keeps as the run's history (steps and checkpoints have tables of their own).
-RUN_EVENTS = (START, PREEMPTED, FINISHED, ERROR)
+RUN_EVENTS = (START, CHECKPOINT_SKIPPED, PREEMPTED, FINISHED, ERROR, OVER_BUDGET, DIVERGED, DEVIATION)
 
 
 class StartEvent(TypedDict, total=False):
@@ -50,11 +60,27 @@ class StartEvent(TypedDict, total=False):
     total_steps: int
     total_tokens: int
     method: str
-    micro_batch: int
     global_batch: int
+    # The execution config this attempt runs (contract.execution.ExecutionConfig.ran() less gpu and
+    # gpu_count, which the fields above give as the hardware names them): the plan's, changed only
+    # where a `deviation` logged before this event says so; and who decided it: "plan" (the node
+    # spec's execution section) or "recipe" (its fallback, for a spec without one).
+    micro_batch: int
+    grad_accum: int
     gradient_checkpointing: bool
     attention: str
     dtype: str
+    sharding: str
+    decided_by: str
+
+
+class DeviationEvent(TypedDict):
+    """The recipe runs something other than the plan's execution config; logged before `start`."""
+
+    kind: str              # device | gpu | gpu_count | dtype | attention | memory
+    reason: str            # one line: what was planned, what the node has, what runs instead
+    planned: dict          # the planned values of the fields that changed
+    running: dict          # what runs instead
 
 
 class StepEvent(TypedDict):
@@ -94,12 +120,29 @@ class FinishedEvent(TypedDict):
 
 class ErrorEvent(TypedDict, total=False):
     message: str
-    kind: str              # bad_input | crash
+    kind: str              # bad_input | crash | disk_full
+
+
+class OverBudgetEvent(TypedDict):
+    step: int              # the step of the checkpoint it stopped after
+    spent: float           # USD, this attempt and every earlier one (the spend file)
+    budget: float
+    price_per_hour: float
+    next_interval_cost: float  # what running to the next checkpoint would have added
+    message: str
+
+
+class DivergedEvent(TypedDict):
+    step: int              # the first step whose loss (or updated weights) was not finite
+    loss: Optional[float]  # null: NaN/inf are not JSON
+    checkpoint_step: Optional[int]  # the last checkpoint, all finite; null when none was saved
+    message: str
 
 
 PAYLOADS: dict[str, type] = {START: StartEvent, STEP: StepEvent, CHECKPOINT: CheckpointEvent,
                              CHECKPOINT_SKIPPED: CheckpointSkippedEvent, PREEMPTED: PreemptedEvent,
-                             FINISHED: FinishedEvent, ERROR: ErrorEvent}
+                             FINISHED: FinishedEvent, ERROR: ErrorEvent, OVER_BUDGET: OverBudgetEvent,
+                             DIVERGED: DivergedEvent, DEVIATION: DeviationEvent}
 
 
 def _jsonable(value: Any) -> Any:
@@ -117,6 +160,7 @@ class EventLog:
         self.attempt = attempt
         self.enabled = enabled
         self._file = None
+        self._torn = False
 
     def emit(self, event: str, **fields: Any) -> Optional[dict]:
         if event not in PAYLOADS:
@@ -125,14 +169,33 @@ class EventLog:
             return None
         record = {"event": event, "time": round(time.time(), 3), "attempt": self.attempt}
         record.update({k: _jsonable(v) for k, v in fields.items()})
-        if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")
-        self._file.write(json.dumps(record, separators=(", ", ": ")) + "\n")
-        self._file.flush()
-        if event in DURABLE_EVENTS:
-            os.fsync(self._file.fileno())
+        line = json.dumps(record, separators=(", ", ": ")) + "\n"
+        try:
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "a", encoding="utf-8")
+                if self._torn:  # the last write failed midway: this line must not continue it
+                    line = "\n" + line
+            self._file.write(line)
+            self._file.flush()
+            if event in DURABLE_EVENTS:
+                os.fsync(self._file.fileno())
+        except OSError:
+            # A full disk: drop what is buffered (never retried into the middle of a later line),
+            # so the next event, once there is room, starts on a line of its own.
+            self._torn = True
+            self._discard()
+            raise
+        self._torn = False
         return record
+
+    def _discard(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError:
+                pass
 
     def close(self) -> None:
         if self._file is not None:

@@ -16,16 +16,20 @@ from contract.events import EVENTS_FILE, parse_line
 EVENT_LOG_PREFIX = "[spotune-event] "
 
 
-def mirror_command(run_dir: str) -> str:
-    """Shell lines that stream `run_dir`/events.jsonl into stdout until the calling shell exits.
+def mirror_command(run_dir: str, until_pid: str = "$$") -> str:
+    """Shell lines that stream `run_dir`/events.jsonl into stdout until process `until_pid` (by
+    default the calling shell) is gone.
 
     A stop (SkyPilot cancel, Ray stop_job) sends SIGTERM to every process of the job. The shell
     traps it, so it waits for the recipe (which checkpoints and exits 75) and exits with its code;
     the tail ignores it, so the recipe's last events still reach the log, and it exits by itself
-    once the shell is gone (--pid), leaving nothing behind to hold the job's output open."""
+    once `until_pid` is gone (--pid), leaving nothing behind to hold the job's output open. A
+    parent that reads the job's output to its end before it reaps the shell (SkyPilot's
+    log_lib.run_with_log) keeps the exited shell a zombie, which --pid counts as alive: such a
+    script passes a process of its own and ends it itself (launch/sky_scripts.py)."""
     return "\n".join([
         "trap : TERM",
-        f'(trap "" TERM; tail -n +1 -F --pid=$$ "{run_dir}/{EVENTS_FILE}" 2>/dev/null'
+        f'(trap "" TERM; tail -n +1 -F --pid={until_pid} "{run_dir}/{EVENTS_FILE}" 2>/dev/null'
         f' | sed -u "s/^/{EVENT_LOG_PREFIX}/") &'])
 
 

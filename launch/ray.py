@@ -31,7 +31,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from contract.backend import (TERMINAL_STATES, BackendError, DeviceReport, LaunchRequest, Observation,
+from contract.backend import (TERMINAL_STATES, BackendError, DeviceReport, Feasibility, LaunchRequest, Observation,
                               ObservedAttempt, first_line)
 from contract.events import EVENTS_FILE, EXIT_PREEMPTED
 from contract.placement import Placement
@@ -86,6 +86,9 @@ class RayBackend:
         # Which GPUs a job gets is the cluster's business: the orchestrator names them from
         # the spec's local.gpu.
         return DeviceReport(None, 0, None)
+
+    def feasible(self, spec, placements) -> Feasibility:
+        return Feasibility(tuple(placements))  # the hardware it has is the plan: nothing to rule out
 
     def describe(self, request: LaunchRequest) -> str:
         placement = self._placement(request)

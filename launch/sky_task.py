@@ -1,29 +1,30 @@
-"""The SkyPilot task for a job: ranked placements -> ordered resources, checkpoint bucket, setup, run.
+"""The SkyPilot task for a job: ranked placements -> ordered resources, checkpoint store, setup, run.
 
 One builder serves both `spotune launch --backend skypilot --dry-run` (render_task_yaml) and the
 real submit (SkyPilotBackend), so the YAML a user reads is the task that would be launched, less
-secret values. `sky` is imported inside functions only: it takes seconds to import.
+secret values. `sky` is imported inside functions only: it takes a second to import.
 
 What runs on the node:
 - workdir: this spotune checkout (synced by SkyPilot, honouring .gitignore), installed with the
   `train` extra in setup, so the recipe on the node is exactly the code planned with here;
-- the request's node spec, with only data.path changed to the mounted data file, travels in
-  the env var SPOTUNE_SPEC_YAML (no secrets in it) and is written to a file by `run`;
-- the checkpoint bucket is mounted MOUNT_CACHED at /ckpt; the recipe's run dir is
-  /ckpt/$SKYPILOT_TASK_ID (stable across recoveries, new per managed job), holding
-  events.jsonl, checkpoints/ and output/;
-- events.jsonl is also mirrored into the job's log with the prefix `[spotune-event] `, which is
-  how the backend reads progress (see launch/skypilot.py).
+- the data file, in a folder of its own (SkyPilot's managed jobs copy a folder to the node, but
+  would mount a single file, which RunPod and Vast cannot: sky/utils/controller_utils.py);
+- the request's node spec, with only data.path changed to where the data lands, in the env var
+  SPOTUNE_SPEC_YAML (no secrets in it), written to a file by `run`;
+- the checkpoint store <checkpoint url>/<spotune job id> (launch/sky_store.py), mounted or
+  written directly; the scripts are launch/sky_scripts.py, the exit statuses launch/sky_node.py;
+- events.jsonl mirrored into the job's log with the prefix `[spotune-event] `, which is how the
+  backend reads progress (see launch/skypilot.py).
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import re
-import shlex
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -31,13 +32,14 @@ import yaml
 
 from contract.backend import LaunchRequest, first_line
 from contract.errors import UserError
-from contract.events import EVENTS_FILE, EXIT_PREEMPTED
 from contract.placement import Placement
-from launch.event_log import flush_command, mirror_command
+from launch.sky_clouds import EnabledClouds, can_mount_buckets, cloud_named, enabled_clouds, launch_problem, resources_for
+from launch.sky_node import RECOVER_ON_EXIT_CODES
+from launch.sky_scripts import run_commands, setup_commands
+from launch.sky_store import MOUNT_POINT, STORE_CLOUD, JobStore, base_url, direct_write_problem, scheme_of
 
-CHECKPOINT_MOUNT = "/ckpt"
 NODE_DATA_DIR = "/spotune-data"
-NODE_SPEC_FILE = "$HOME/spotune-spec.yaml"
+STAGED_DATA_DIR = "sky-data"  # <state>/sky-data/<key>/<file>: the folder SkyPilot uploads
 # Regions kept per (cloud, instance type, spot) in the ordered resources. Cheap offers are often
 # one instance type listed in many regions at one price; without a cap the max_options slots go
 # to regions of a single offer and the fallback never reaches another cloud or GPU. Two regions
@@ -56,17 +58,36 @@ class SkippedPlacement:
     reason: str
 
 
-def bucket_name(spec, job_id: str) -> str:
-    """spec.sky.bucket, else one bucket per job: valid as an S3/GCS name (3-63 of [a-z0-9-])."""
-    if spec.sky.bucket:
-        return spec.sky.bucket
-    slug = re.sub(r"[^a-z0-9-]+", "-", job_id.lower()).strip("-")
-    return f"spotune-ckpt-{slug}"[:63].rstrip("-")
+def task_name(job_id: str) -> str:
+    """The job id as a SkyPilot task name, which names the job's clusters: a cluster name must
+    start with a letter (sky/skylet/constants.py, CLUSTER_NAME_VALID_REGEX) and a task name may not
+    hold three separators in a row (sky/task.py, _VALID_NAME_REGEX); a spec name may be '7b-lora'."""
+    name = re.sub(r"[._-]{3,}", "-", job_id).strip("._-")
+    return name if name[:1].isalpha() else f"job-{name}"
+
+
+def stage_data(local: Path, state_dir: Path) -> Path:
+    """A folder holding only the data file (hard-linked, copied across file systems), keyed by the
+    file's path, size and modification time, so a dry run and its launch ship the same folder."""
+    st = local.stat()
+    key = hashlib.sha256(f"{local.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = Path(state_dir) / STAGED_DATA_DIR / key
+    target = folder / local.name
+    if not target.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{local.name}.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(local, tmp)
+        except OSError:
+            shutil.copy2(local, tmp)
+        os.replace(tmp, target)
+    return folder
 
 
 def node_data(request: LaunchRequest) -> tuple[dict, Optional[Path]]:
     """(the node spec as the node on the cloud reads it, the local data file to ship). Only
-    data.path changes, to where the file is mounted; the rest is the request's node spec as given."""
+    data.path changes, to where the file lands; the rest is the request's node spec as given."""
     node = copy.deepcopy(request.node_spec)
     local = (node.get("data") or {}).get("path")
     if local is None:
@@ -76,56 +97,12 @@ def node_data(request: LaunchRequest) -> tuple[dict, Optional[Path]]:
     return node, local
 
 
-def _torch_pin() -> str:
-    """torch as tested here, without the local build tag: PyPI's Linux wheel of that version is the
-    CUDA build. Unpinned (the train extra's range) when this machine has no torch."""
-    try:
-        version = metadata.version("torch")
-    except metadata.PackageNotFoundError:
-        return ""
-    return f"torch=={version.split('+')[0]}"
-
-
-def setup_commands() -> str:
-    torch_pin = _torch_pin()
-    lines = ["set -e", "python -m pip install -q --upgrade pip"]
-    if torch_pin:
-        lines.append(f"python -m pip install -q {shlex.quote(torch_pin)}")
-    lines.append("python -m pip install -q -e '.[train]'")
-    return "\n".join(lines) + "\n"
-
-
-def run_commands() -> str:
-    run_dir = f"{CHECKPOINT_MOUNT}/$SKYPILOT_TASK_ID"
-    recipe = f'-m recipes.sft "{NODE_SPEC_FILE}" --run-dir "$RUN_DIR" --checkpoint-dir "$RUN_DIR/checkpoints"'
-    return "\n".join([
-        "set -e",
-        f'RUN_DIR="{run_dir}"',
-        'mkdir -p "$RUN_DIR"',
-        f'printf "%s\\n" "$SPOTUNE_SPEC_YAML" > "{NODE_SPEC_FILE}"',
-        # Progress reaches the backend through the job log: every event line, prefixed.
-        mirror_command("$RUN_DIR"),
-        "set +e",
-        # One process per GPU: torchrun where the node has several (DDP for LoRA/QLoRA, FSDP for full).
-        'if [ "${SKYPILOT_NUM_GPUS_PER_NODE:-1}" -gt 1 ]; then',
-        f'  python -m torch.distributed.run --standalone --nproc-per-node "$SKYPILOT_NUM_GPUS_PER_NODE" {recipe}',
-        "else",
-        f"  python {recipe}",
-        "fi",
-        "rc=$?",
-        # torchrun turns the recipe's 75 (preempted after a checkpoint) into 1; the event log knows better.
-        f'if [ $rc -ne 0 ] && python -m contract.events ended-preempted "$RUN_DIR/{EVENTS_FILE}"; then rc={EXIT_PREEMPTED}; fi',
-        flush_command("$RUN_DIR"),
-        "exit $rc",
-    ]) + "\n"
-
-
-def _job_recovery(spec) -> dict:
-    # The recipe exits 75 after a clean checkpoint on SIGTERM (a spot termination notice):
-    # recover then, whatever max_restarts_on_errors says.
-    return {"strategy": spec.sky.recovery_strategy,
-            "max_restarts_on_errors": spec.sky.max_restarts_on_errors,
-            "recover_on_exit_codes": [EXIT_PREEMPTED]}
+def job_recovery(spec) -> dict:
+    """SkyPilot restarts a job on a new cluster for an exit code in recover_on_exit_codes, and for
+    no other: 75 (preempted after a checkpoint) and 76 (a crash the run script still retries,
+    counting against spec.sky.max_restarts_on_errors itself), so exit 2 (bad input) ends the job."""
+    return {"strategy": spec.sky.recovery_strategy, "max_restarts_on_errors": 0,
+            "recover_on_exit_codes": list(RECOVER_ON_EXIT_CODES)}
 
 
 def sky_resources(spec, placements: Sequence[Placement]):
@@ -134,13 +111,12 @@ def sky_resources(spec, placements: Sequence[Placement]):
     The placements' order (cost) is kept, but at most REGIONS_PER_OFFER regions of one
     (cloud, instance type, spot) are taken, so the slots span several offers; the first
     placement SkyPilot can launch is always the first resource.
-    Returns (resources, skipped): a placement on a provider SkyPilot does not know, or one its
-    catalog does not list, is skipped with the reason rather than failing the whole task.
-    Placements left out by the per-offer cap are not "skipped": they are not failures.
+    Returns (resources, skipped): a placement on a provider SkyPilot does not know, one its
+    catalog does not list, or one whose cloud lacks a feature the resources need is skipped with
+    the reason rather than failing the whole task. Placements left out by the per-offer cap are
+    not "skipped": they are not failures.
     """
-    import sky
     from sky import exceptions
-    from sky.utils import registry
 
     resources, skipped = [], []
     regions_taken: dict[tuple, int] = {}
@@ -150,32 +126,63 @@ def sky_resources(spec, placements: Sequence[Placement]):
         offer_key = (p.provider, p.instance_type, p.gpu, p.gpu_count, p.spot)
         if regions_taken.get(offer_key, 0) >= REGIONS_PER_OFFER:
             continue
-        try:
-            cloud = registry.CLOUD_REGISTRY.from_str(p.provider)
-        except ValueError:
-            cloud = None
-        if cloud is None:
+        if cloud_named(p.provider) is None:
             skipped.append(SkippedPlacement(p, f"SkyPilot has no cloud named '{p.provider}'"))
             continue
         try:
-            resources.append(sky.Resources(
-                infra=f"{p.provider}/{p.region}", instance_type=p.instance_type,
-                accelerators={p.gpu: p.gpu_count}, use_spot=p.spot, job_recovery=_job_recovery(spec)))
-            regions_taken[offer_key] = regions_taken.get(offer_key, 0) + 1
+            r = resources_for(p, job_recovery(spec))
         except (ValueError, exceptions.ResourcesUnavailableError) as e:  # not in sky's catalog
             skipped.append(SkippedPlacement(p, first_line(e)))
+            continue
+        problem = launch_problem(r)
+        if problem:
+            skipped.append(SkippedPlacement(p, problem))
+            continue
+        resources.append(r)
+        regions_taken[offer_key] = regions_taken.get(offer_key, 0) + 1
     return resources, skipped
 
 
+def choose_store(spec, job_id: str, resources, clouds: EnabledClouds) -> JobStore:
+    """Mounted when every cloud in the task can mount the bucket and SkyPilot can reach the
+    store's cloud for storage; otherwise the recipe writes to the store directly."""
+    scheme = scheme_of(base_url(spec, job_id))
+    mounted = STORE_CLOUD[scheme] in clouds.storage and all(can_mount_buckets(r) for r in resources)
+    return JobStore.of(spec, job_id, mounted)
+
+
+def store_mount(spec, store: JobStore):
+    """The sky.Storage mounted at /ckpt: the user's bucket as it is, or the job's own bucket, which
+    SkyPilot creates in the store's cloud and keeps after the job (persistent: the output is in it)."""
+    import sky
+
+    if spec.checkpoint.url:
+        return sky.Storage(source=store.bucket_url, mode=sky.StorageMode.MOUNT_CACHED)
+    store_type = sky.StoreType.S3 if store.scheme == "s3" else sky.StoreType.GCS
+    return sky.Storage(name=store.bucket, stores=[store_type], mode=sky.StorageMode.MOUNT_CACHED, persistent=True)
+
+
 @contextmanager
-def _catalog_fetch_is_one_line():
+def catalog_fetch_is_one_line():
     """SkyPilot downloads a cloud's catalog the first time it needs it; offline that is a
-    requests ConnectionError (an OSError) from deep inside sky: say it in one line."""
+    requests ConnectionError (an OSError) from deep inside sky: say it in one line. Called in-process,
+    sky believes it runs on its API server and prints its spinner as raw `<sky-payload>` markup, and
+    logs its own copy of the error: both are silenced here, where our one line says it all."""
+    import logging
+
+    from sky import sky_logging
+
+    sky_logger = logging.getLogger("sky")
+    level = sky_logger.level
     try:
-        yield
+        with sky_logging.silent():  # no spinner payloads, no info or warnings
+            sky_logger.setLevel(logging.CRITICAL)  # silent() keeps errors; ours is the one line
+            yield
     except OSError as e:
         raise SkyTaskError("SkyPilot could not fetch its price catalog (offline? its catalogs live in "
                            f"${{SKY_RUNTIME_DIR:-$HOME}}/.sky/catalogs): {first_line(e)}") from None
+    finally:
+        sky_logger.setLevel(level)
 
 
 def _source_root() -> Path:
@@ -184,14 +191,23 @@ def _source_root() -> Path:
     return SOURCE_ROOT
 
 
-def build_task(request: LaunchRequest, *, secrets: Optional[Mapping[str, str]] = None):
+def build_task(request: LaunchRequest, *, secrets: Optional[Mapping[str, str]] = None,
+               clouds: Optional[EnabledClouds] = None):
     """(sky.Task, skipped placements) for a launch request. `secrets` are values (from the user's
-    environment at launch time); leave them out to build the task for display."""
-    with _catalog_fetch_is_one_line():
-        return _build_task(request, secrets)
+    environment at launch time); leave them out to build the task for display. `clouds`: what
+    `sky check` enabled (read from SkyPilot's state when not given)."""
+    with catalog_fetch_is_one_line():
+        return _build_task(request, secrets, clouds)
 
 
-def _build_task(request: LaunchRequest, secrets):
+def _enabled_or_none() -> EnabledClouds:
+    try:
+        return enabled_clouds()
+    except Exception:  # SkyPilot's state unreadable: no store can be mounted, the recipe writes it
+        return EnabledClouds(frozenset(), frozenset())
+
+
+def _build_task(request: LaunchRequest, secrets, clouds):
     import sky
 
     spec = request.spec
@@ -199,22 +215,26 @@ def _build_task(request: LaunchRequest, secrets):
     if not resources:
         why = f": {skipped[0].placement.provider}/{skipped[0].placement.region}: {skipped[0].reason}" if skipped else ""
         raise SkyTaskError(f"no option in the plan can be launched through SkyPilot{why}")
+    store = choose_store(spec, request.job_id, resources, _enabled_or_none() if clouds is None else clouds)
+    if secrets is not None and not store.mounted:
+        problem = direct_write_problem(spec, secrets)
+        if problem:
+            raise SkyTaskError(f"checkpoints go to {store.url}, which not every cloud of this task can mount: {problem}")
     node_spec, data_file = node_data(request)
     envs = {str(k): str(v) for k, v in request.env.items()}
-    envs.update({"SPOTUNE_JOB_ID": request.job_id,
+    envs.update({"SPOTUNE_JOB_ID": request.job_id, "SPOTUNE_STORE": store.url, "SPOTUNE_OUTPUT_URL": store.output_url,
+                 "SPOTUNE_MAX_RESTARTS_ON_ERRORS": str(spec.sky.max_restarts_on_errors),
                  "SPOTUNE_SPEC_YAML": yaml.safe_dump(node_spec, sort_keys=False)})
     file_mounts = {}
     if data_file is not None:
         if not data_file.is_file():
             raise SkyTaskError(f"data file not found: {data_file}")
-        file_mounts[node_spec["data"]["path"]] = str(data_file)
-    task = sky.Task(name=request.job_id, setup=setup_commands(), run=run_commands(), envs=envs,
+        file_mounts[NODE_DATA_DIR] = str(stage_data(data_file, Path(request.run_dir).parent.parent))
+    task = sky.Task(name=task_name(request.job_id), setup=setup_commands(), run=run_commands(store), envs=envs,
                     workdir=str(_source_root()), file_mounts=file_mounts or None)
     task.set_resources(resources)  # a list: SkyPilot tries them in this order
-    bucket = bucket_name(spec, request.job_id)
-    storage = (sky.Storage(source=bucket, mode=sky.StorageMode.MOUNT_CACHED) if "://" in bucket
-               else sky.Storage(name=bucket, mode=sky.StorageMode.MOUNT_CACHED))
-    task.set_storage_mounts({CHECKPOINT_MOUNT: storage})
+    if store.mounted:
+        task.set_storage_mounts({MOUNT_POINT: store_mount(spec, store)})
     if secrets:
         task.update_secrets(dict(secrets))
     return task, skipped
@@ -226,18 +246,20 @@ def secrets_from_environment(spec, environ: Optional[Mapping[str, str]] = None) 
     return {name: environ[name] for name in spec.sky.secrets if environ.get(name)}
 
 
-def render_task_yaml(request: LaunchRequest) -> str:
+def render_task_yaml(request: LaunchRequest, *, clouds: Optional[EnabledClouds] = None) -> str:
     """The task YAML `spotune launch --backend skypilot --dry-run` prints: the task submit would
     launch for this request. Secrets appear by name with no value: `sky jobs launch FILE --secret
     HF_TOKEN` would fill them from the environment."""
-    task, skipped = build_task(request)
-    with _catalog_fetch_is_one_line():
+    task, skipped = build_task(request, clouds=clouds)
+    with catalog_fetch_is_one_line():
         config = task.to_yaml_config()
     if request.spec.sky.secrets:
         config["secrets"] = {name: None for name in request.spec.sky.secrets}
+    store = task.envs["SPOTUNE_STORE"]
     header = [f"# spotune job {request.job_id}: SkyPilot managed-job task (dry run, nothing launched)",
               "# resources are tried in order: the chosen option, then the plan's others by expected cost,",
-              f"# at most {REGIONS_PER_OFFER} regions per instance type (recovery moves on between regions)"]
+              f"# at most {REGIONS_PER_OFFER} regions per instance type (recovery moves on between regions)",
+              f"# checkpoints and output: {store} ({'mounted at ' + MOUNT_POINT if task.storage_mounts else 'written by the recipe'})"]
     for s in skipped:
         header.append(f"# skipped {s.placement.provider}/{s.placement.region} {s.placement.gpu}:"
                       f"{s.placement.gpu_count}{' spot' if s.placement.spot else ''}: {s.reason}")

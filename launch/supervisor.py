@@ -13,6 +13,17 @@ exists but the lock is free); a reader that can take the lock knows the supervis
 
 Control: `RUN_DIR/control.json` (`{"action": "stop", "graceful": true}`), written by
 `LocalBackend.cancel`, asks the supervisor to SIGTERM the recipe (so it checkpoints) and stop.
+
+The budget: the supervisor runs for the job's whole life, so it guards the spec's budget whether
+or not a CLI is watching. Spent is the ledger's own sum (each attempt's wall hours x its $/h, from
+`attempts.jsonl`); once spent plus running to the next checkpoint and stopping would pass the
+budget (contract/budget.py), the recipe is stopped with a checkpoint, no attempt is started after
+it, and the job ends `over_budget`.
+
+Exits that a retry cannot fix end the job at once: bad input (2), a full or read-only disk (74),
+the node's own budget stop (80), a loss gone NaN (81). A supervisor started again on a run dir
+whose supervisor died (`LocalBackend.restart`) first closes the attempt it left open, after its
+recipe has exited, and goes on from the last checkpoint.
 """
 from __future__ import annotations
 
@@ -28,9 +39,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
-from contract.events import (ERROR, EVENTS_FILE, EXIT_BAD_INPUT, EXIT_PREEMPTED, START, STEP, parse_line, read_jsonl,
+from contract.events import (DIVERGED, ERROR, EVENTS_FILE, EXIT_BAD_INPUT, EXIT_DISK_FULL, EXIT_DIVERGED,
+                             EXIT_OVER_BUDGET, EXIT_PREEMPTED, OVER_BUDGET, START, STEP, parse_line, read_jsonl,
                              read_new_lines)
+from contract.faults import describe_disk_error, disk_error
 from contract.placement import Placement
+from launch.budget import BudgetGuard
 
 ATTEMPTS_FILE = "attempts.jsonl"
 CONFIG_FILE = "supervisor.json"
@@ -52,11 +66,15 @@ class SupervisorConfig:
     restart_seconds: float = 3.0
     simulate_preemptions: int = 0
     hard: bool = False
+    mixed_signals: bool = False   # simulated preemptions alternate SIGTERM and SIGKILL (hard is ignored)
     seed: int = 0
     max_consecutive_crashes: int = 3
     # How long a recipe may take to checkpoint and exit after SIGTERM before it is SIGKILLed
     # (AWS gives a spot instance two minutes, GCP thirty seconds).
     grace_seconds: float = 120.0
+    budget: Optional[str] = None                  # USD, a Decimal string: the spec's constraints.budget
+    checkpoint_every_minutes: Optional[float] = None
+    checkpoint_every_steps: Optional[int] = None
 
     @classmethod
     def load(cls, run_dir: Path) -> "SupervisorConfig":
@@ -129,6 +147,21 @@ class InjectionPlan:
         return self.trigger_step is not None and step >= self.trigger_step
 
 
+def last_activity(run_dir: Path, n: int) -> float:
+    """When a dead supervisor's open attempt last did anything: stable however often it is asked."""
+    times = [p.stat().st_mtime for p in (run_dir / "logs" / f"attempt-{n}.log", run_dir / EVENTS_FILE) if p.exists()]
+    return max(times) if times else (run_dir / ATTEMPTS_FILE).stat().st_mtime
+
+
+def _is_our_recipe(pid: int, run_dir: Path) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
+        return False
+    return state != "Z" and b"recipes.sft" in cmdline and str(run_dir).encode() in cmdline
+
+
 class Supervisor:
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
@@ -138,6 +171,8 @@ class Supervisor:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.injections = InjectionPlan(self.cfg.simulate_preemptions, self.cfg.seed)
         self.stop_requested: Optional[dict] = None
+        self.budget: Optional[BudgetGuard] = None
+        self.budget_reason: Optional[str] = None
 
     # --- control -------------------------------------------------------------------------
     def _check_control(self) -> Optional[dict]:
@@ -163,8 +198,10 @@ class Supervisor:
         proc = subprocess.Popen(cmd, cwd=self.run_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
         log.close()
-        append_jsonl(self.attempts_path, {"record": "start", "attempt": n, "time": time.time(),
+        started = time.time()
+        append_jsonl(self.attempts_path, {"record": "start", "attempt": n, "time": started,
                                           "pid": proc.pid, "placement": self.cfg.placement.to_json()})
+        self.budget.attempt_started(started)
         return proc
 
     def _watch(self, n: int, proc: subprocess.Popen, tail: EventTail) -> tuple[Optional[str], Optional[int]]:
@@ -176,14 +213,19 @@ class Supervisor:
             for ev in tail.new_events():
                 if ev.get("attempt") != n:
                     continue
+                self.budget.saw(ev)
                 if ev.get("event") == START:
                     self.injections.arm(ev.get("resumed_from_step") or 0, ev.get("total_steps"))
                 elif ev.get("event") == STEP and sent is None and self.injections.due(int(ev.get("step", 0))):
-                    sent_signal = signal.SIGKILL if self.cfg.hard else signal.SIGTERM
+                    sent_signal = self._injection_signal()
                     sent, sent_at = "preempt", time.time()
                     self.injections.left -= 1
                     self.injections.trigger_step = None
                     proc.send_signal(sent_signal)
+            if sent is None and (why := self.budget.over(time.time())) is not None:
+                self.budget_reason = f"{why}; stopped with a checkpoint"
+                sent, sent_signal, sent_at = "budget", signal.SIGTERM, time.time()
+                proc.send_signal(sent_signal)
             stop = self._check_control()
             if stop is not None and sent != "stop":
                 graceful = stop.get("graceful", True)
@@ -196,8 +238,16 @@ class Supervisor:
                 proc.kill()
                 sent_signal = signal.SIGKILL
             time.sleep(TICK_SECONDS)
-        tail.new_events()  # consume this attempt's last events
+        for ev in tail.new_events():  # this attempt's last events
+            if ev.get("attempt") == n:
+                self.budget.saw(ev)
         return sent, sent_signal
+
+    def _injection_signal(self) -> int:
+        if self.cfg.mixed_signals:  # the first one a spot notice, the next one none, and so on
+            fired = self.cfg.simulate_preemptions - self.injections.left
+            return signal.SIGKILL if fired % 2 else signal.SIGTERM
+        return signal.SIGKILL if self.cfg.hard else signal.SIGTERM
 
     def _classify(self, n: int, rc: int, sent: Optional[str], sent_signal: Optional[int]) -> tuple[str, str]:
         """(end reason, one-line detail) for an attempt that exited with rc."""
@@ -205,6 +255,8 @@ class Supervisor:
         how = f"exit {rc}" if rc >= 0 else f"killed by {signal.Signals(-rc).name}"
         if rc == 0:
             return "finished", how
+        if rc == EXIT_OVER_BUDGET or (sent == "budget" and by_our_signal):
+            return "over_budget", how
         if sent == "stop" and by_our_signal:
             return "cancelled", how
         if sent == "preempt" and by_our_signal:
@@ -215,11 +267,12 @@ class Supervisor:
         return "failed", f"{how}: {self._failure_message(n)}"
 
     def _failure_message(self, n: int) -> str:
-        errors = [e for e in read_jsonl(self.run_dir / EVENTS_FILE)
-                  if e.get("event") == ERROR and e.get("attempt") == n]
-        if errors:
-            return str(errors[-1].get("message", ""))[:240]
-        return _last_line(self.logs_dir / f"attempt-{n}.log") or "no output"
+        said = [e for e in read_jsonl(self.run_dir / EVENTS_FILE)
+                if e.get("event") in (ERROR, DIVERGED, OVER_BUDGET) and e.get("attempt") == n]
+        if said:
+            return str(said[-1].get("message", ""))[:240]
+        # The recipe's one `error:` line, where its event could not be written (a full disk).
+        return _last_line(self.logs_dir / f"attempt-{n}.log").removeprefix("error: ") or "no output"
 
     def _end_job(self, state: str, detail: str) -> None:
         append_jsonl(self.attempts_path, {"record": "job_end", "state": state, "detail": detail, "time": time.time()})
@@ -233,13 +286,37 @@ class Supervisor:
             time.sleep(min(TICK_SECONDS, max(0.0, deadline - time.time())))
         return self._check_control() is None
 
+    def _close_orphaned_attempt(self, records: list[dict]) -> list[dict]:
+        """A supervisor that died left its last attempt open, and its recipe got SIGTERM (parent-death
+        signal) and is checkpointing. Wait for that recipe to exit (SIGKILL after the grace time), so
+        two never share the checkpoints, then close the attempt as poll reported it meanwhile."""
+        starts = [r for r in records if r.get("record") == "start"]
+        ended = {r["attempt"] for r in records if r.get("record") == "end"}
+        if not starts or starts[-1]["attempt"] in ended:
+            return records
+        n, pid = starts[-1]["attempt"], starts[-1].get("pid")
+        if isinstance(pid, int) and _is_our_recipe(pid, self.run_dir):
+            deadline = time.time() + self.cfg.grace_seconds
+            while _is_our_recipe(pid, self.run_dir) and time.time() < deadline:
+                time.sleep(TICK_SECONDS)
+            if _is_our_recipe(pid, self.run_dir):
+                os.kill(pid, signal.SIGKILL)
+        end = {"record": "end", "attempt": n, "time": last_activity(self.run_dir, n), "reason": "failed",
+               "exit_code": None, "detail": "supervisor died"}
+        append_jsonl(self.attempts_path, end)
+        return [*records, end]
+
     # --- the job -------------------------------------------------------------------------
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_sigterm)
         signal.signal(signal.SIGINT, self._on_sigterm)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        previous = [r for r in read_jsonl(self.attempts_path) if r.get("record") == "start"]
-        n = max((r["attempt"] for r in previous), default=0)
+        records = self._close_orphaned_attempt(read_jsonl(self.attempts_path))
+        n = max((r["attempt"] for r in records if r.get("record") == "start"), default=0)
+        done = sum(1 for r in records if r.get("record") == "end" and str(r.get("detail", "")).startswith("simulated"))
+        self.injections.left = max(0, self.injections.left - done)  # a restarted supervisor owes only the rest
+        self.budget = BudgetGuard(self.cfg.budget, self.cfg.placement.price_per_hour, records,
+                                  self.cfg.checkpoint_every_minutes, self.cfg.checkpoint_every_steps)
         tail = EventTail(self.run_dir / EVENTS_FILE)
         tail.new_events()  # events of earlier attempts never trigger anything
         crashes_in_a_row = 0
@@ -247,15 +324,23 @@ class Supervisor:
             if self._check_control() is not None:
                 self._end_job("cancelled", "cancelled before the next attempt started")
                 return 0
+            if n > 0 and (why := self.budget.over(time.time())) is not None:  # an attempt after a preemption
+                self._end_job("over_budget", f"{why}; not started again")
+                return 0
             n += 1
             proc = self._start(n)
             sent, sent_signal = self._watch(n, proc, tail)
             rc = proc.returncode
             reason, detail = self._classify(n, rc, sent, sent_signal)
-            append_jsonl(self.attempts_path, {"record": "end", "attempt": n, "time": time.time(),
+            ended = time.time()
+            append_jsonl(self.attempts_path, {"record": "end", "attempt": n, "time": ended,
                                               "reason": reason, "exit_code": rc, "detail": detail})
+            self.budget.attempt_ended(ended)
             if reason == "finished":
                 self._end_job("succeeded", f"finished in {n} attempt{'s' if n > 1 else ''}")
+                return 0
+            if reason == "over_budget":
+                self._end_job("over_budget", self.budget_reason or self._failure_message(n))
                 return 0
             if reason == "cancelled" or (self.stop_requested is not None and reason != "preempted"):
                 self._end_job("cancelled", "cancelled; the recipe checkpointed first" if reason == "cancelled"
@@ -264,6 +349,9 @@ class Supervisor:
             if reason == "failed":
                 if rc == EXIT_BAD_INPUT:
                     self._end_job("failed", f"bad input: {self._failure_message(n)}")
+                    return 0
+                if rc in (EXIT_DISK_FULL, EXIT_DIVERGED):  # a retry would end the same way
+                    self._end_job("failed", self._failure_message(n))
                     return 0
                 crashes_in_a_row += 1
                 if crashes_in_a_row >= self.cfg.max_consecutive_crashes:
@@ -290,7 +378,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return supervisor.run()
     except Exception as e:  # recorded, so poll reports why instead of "supervisor died"
-        supervisor._end_job("failed", f"supervisor error: {type(e).__name__}: {e}")
+        full = disk_error(e)
+        why = describe_disk_error(full) if full else f"supervisor error: {type(e).__name__}: {e}"
+        try:
+            supervisor._end_job("failed", why)
+        except OSError:
+            pass  # the disk that failed holds the record too: poll says "supervisor died"
+        if full:
+            print(f"error: {why}", file=sys.stderr)
+            return EXIT_DISK_FULL
         raise
 
 

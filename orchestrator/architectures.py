@@ -1,9 +1,12 @@
 """Model architectures -> parameter counts, for the planner's memory and throughput models.
 
-A model is named either by a local path (a directory holding `config.json`, or the file itself)
-or by a key of the built-in table: Hugging Face ids (case-insensitive) and short aliases. Every
-size is computed from the architecture, never typed in, so the table stays checkable against
-each model card: Llama-3.1-8B comes out at 8.03e9 parameters, Llama-3.2-1B at 1.236e9.
+A model is named by a local path (a directory holding `config.json`, or the file itself), by any
+Hugging Face model id (its config.json from the hub cache, or fetched with huggingface_hub:
+orchestrator/hub.py), or by a key of the built-in table: Hugging Face ids (case-insensitive) and
+short aliases, for planning offline. An instruct or chat variant the table does not list resolves
+to its base model (Qwen2.5-7B-Instruct -> Qwen2.5-7B): fine-tuning does not change the
+architecture. Every size is computed from the architecture, never typed in, so the table stays
+checkable against each model card: Llama-3.1-8B comes out at 8.03e9 parameters, Llama-3.2-1B at 1.236e9.
 
 All models here are decoder-only transformers with grouped-query attention and a gated MLP
 (gate, up, down projections), which covers Llama, Qwen2, Mistral, Gemma 2 and Phi-3.
@@ -11,7 +14,8 @@ All models here are decoder-only transformers with grouped-query attention and a
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Optional
@@ -38,7 +42,7 @@ class ModelArch:
     tied_embeddings: bool
     head_dim: Optional[int] = None   # Gemma 2 sets it apart from hidden / heads
     qkv_bias: bool = False           # Qwen2 has biases on q, k, v
-    byte_tokenizer: bool = False     # one token per UTF-8 byte (tiny-llama): counted exactly, no tokenizer needed
+    max_context: Optional[int] = None  # max_position_embeddings: the longest seq_len it takes (None: unknown)
 
     @property
     def head_size(self) -> int:
@@ -98,11 +102,20 @@ def _arch(name, hidden, layers, heads, kv_heads, intermediate, vocab, tied, **ex
 _TABLE: dict[str, tuple[ModelArch, tuple[str, ...]]] = {}
 
 
+# max_position_embeddings of each table model's config.json. Where one entry stands for a 4k and a
+# 128k variant (Phi-3) or base configs differ by size (Qwen2.5), the larger: this bounds seq_len, it
+# never picks it.
+_CONTEXT = {"tiny-llama": 1024, "google/gemma-2-2b": 8192, "google/gemma-2-9b": 8192, "google/gemma-2-27b": 8192,
+            "mistralai/Mistral-7B-v0.3": 32768, "mistralai/Mistral-7B-v0.1": 32768}
+_LONG_CONTEXT = 131072  # Llama 3.1/3.2, Qwen2.5, Phi-3 128k
+
+
 def _add(arch: ModelArch, *aliases: str) -> None:
+    arch = replace(arch, max_context=_CONTEXT.get(arch.name, _LONG_CONTEXT))
     _TABLE[arch.name.lower()] = (arch, aliases)
 
 
-_add(_arch("tiny-llama", 128, 4, 4, 2, 256, 262, False, byte_tokenizer=True), "tiny")  # mirrors recipes/tiny.py ARCHITECTURE
+_add(_arch("tiny-llama", 128, 4, 4, 2, 256, 262, False), "tiny")  # mirrors recipes/tiny.py ARCHITECTURE
 _add(_arch("meta-llama/Llama-3.2-1B", 2048, 16, 32, 8, 8192, 128256, True), "llama-3.2-1b", "llama-1b")
 _add(_arch("meta-llama/Llama-3.2-3B", 3072, 28, 24, 8, 8192, 128256, True), "llama-3.2-3b", "llama-3b")
 _add(_arch("meta-llama/Llama-3.1-8B", 4096, 32, 32, 8, 14336, 128256, False),
@@ -178,6 +191,7 @@ def arch_from_config(config: dict, name: str) -> ModelArch:
             tied_embeddings=bool(cfg.get("tie_word_embeddings", config.get("tie_word_embeddings", True))),
             head_dim=int(cfg["head_dim"]) if cfg.get("head_dim") else None,
             qkv_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
+            max_context=int(cfg["max_position_embeddings"]) if cfg.get("max_position_embeddings") else None,
         )
     except KeyError as e:
         raise UnknownModelError(f"{name}: config.json has no '{e.args[0]}'; cannot size the model") from None
@@ -186,42 +200,67 @@ def arch_from_config(config: dict, name: str) -> ModelArch:
     return arch
 
 
+# Suffixes of instruct/chat variants, which share their base model's architecture.
+_VARIANT = re.compile(r"-(instruct|chat|it)(?=-|$)", re.IGNORECASE)
+
+
+def _builtin(model: str) -> Optional[ModelArch]:
+    for name in (model, _VARIANT.sub("", model)):
+        key = name.lower()
+        arch = _INDEX.get(key) or _INDEX.get(key.split("/")[-1])
+        if arch is not None:
+            return arch
+    return None
+
+
+def _read_config(config_file: Path, name: str) -> ModelArch:
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UnknownModelError(f"{config_file}: not a readable JSON config ({e})") from None
+    if not isinstance(config, dict):
+        raise UnknownModelError(f"{config_file}: config.json must be a JSON object")
+    return arch_from_config(config, name)
+
+
 def resolve_architecture(model: str) -> ModelArch:
-    """A local path with config.json, else the built-in table; anything else is a UserError."""
+    """A local path with config.json, the Hub's config.json for a model id (cached, or fetched
+    unless HF_HUB_OFFLINE), else the built-in table; anything else is a UserError saying why."""
+    from orchestrator import hub
+
     config_file = _config_file(model)
     if config_file is not None:
-        try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise UnknownModelError(f"{config_file}: not a readable JSON config ({e})") from None
-        if not isinstance(config, dict):
-            raise UnknownModelError(f"{config_file}: config.json must be a JSON object")
-        return arch_from_config(config, model)
-    arch = _INDEX.get(model.lower()) or _INDEX.get(model.lower().split("/")[-1])
+        return _read_config(config_file, model)
+    why = ""
+    if hub.is_repo_id(model):
+        answer = hub.fetch(model, "config.json")
+        if answer.path is not None:
+            return _read_config(answer.path, model)
+        why = f"{answer.why}; "
+    arch = _builtin(model)
     if arch is None:
         raise UnknownModelError(
-            f"unknown model '{model}': give a local directory with config.json or one of the built-in "
-            f"models ({', '.join(n.split('/')[-1] for n in builtin_names())})")
+            f"unknown model '{model}': {why}give a local directory with config.json, a Hugging Face model id, "
+            f"or one of the built-in models ({', '.join(n.split('/')[-1] for n in builtin_names())})")
     return arch
 
 
-def local_tokenizer_file(model: str) -> Optional[Path]:
-    """A tokenizer.json already on this machine: beside a local model's config, in tiny-llama's
-    build cache, or in the Hugging Face hub cache. Never downloads."""
-    import os
+def model_tokenizer(model: str):
+    """The model's tokenizer as a torch-free `contract.tokenizer.FileTokenizer`: tiny-llama's own,
+    the tokenizer.json beside a local model, or the Hub's (cached, or fetched unless offline).
+    None where there is none to be had: the planner then estimates and says so."""
+    from contract.tokenizer import FileTokenizer
+    from orchestrator import hub
 
     path = Path(model).expanduser()
     if path.is_file():
         path = path.parent
-    candidates = [path / "tokenizer.json"]
-    key = model.lower()
-    if _INDEX.get(key) is not None and _INDEX[key].name == "tiny-llama":
-        cache = Path(os.environ.get("SPOTUNE_CACHE") or Path.home() / ".cache" / "spotune").expanduser()
-        candidates.append(cache / "tiny-llama" / "tokenizer.json")
-    elif "/" in model and not path.exists():
-        hf_home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").expanduser()
-        hub = Path(os.environ.get("HF_HUB_CACHE") or hf_home / "hub").expanduser()
-        snapshots = hub / ("models--" + model.replace("/", "--")) / "snapshots"
-        if snapshots.is_dir():
-            candidates.extend(sorted(snapshots.glob("*/tokenizer.json")))
-    return next((c for c in candidates if c.is_file()), None)
+    if (path / "tokenizer.json").is_file():
+        return FileTokenizer.from_dir(path)
+    if not path.exists() and _builtin(model) is not None and _builtin(model).name == "tiny-llama":
+        return FileTokenizer.tiny()
+    if hub.is_repo_id(model):
+        directory = hub.tokenizer_dir(model)
+        if directory is not None:
+            return FileTokenizer.from_dir(directory)
+    return None

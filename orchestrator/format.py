@@ -88,3 +88,63 @@ def placement_label(where, with_price: bool = True) -> str:
         where = Placement(provider=where.provider, region=where.region, gpu=where.gpu, gpu_count=where.gpu_count,
                           spot=where.spot, price_per_hour=_decimal(where.price_per_hour))
     return where.label(with_price)
+
+
+def usd_exact(amount: Number) -> str:
+    """An amount as given, never rounded away: $50.00, $0.0001, $12.345 (at least the cents)."""
+    value = _decimal(amount).normalize()
+    decimals = max(2, -value.as_tuple().exponent if value.as_tuple().exponent < 0 else 0)
+    return f"{'-' if value < 0 else ''}${abs(value):,.{decimals}f}"
+
+
+def count(n: Optional[Number], unit: str = "") -> str:
+    """A large count in the unit that reads: 8.03B, 4.6M, 510K, 950 (params, tokens); '-' for none."""
+    if n is None:
+        return "-"
+    value = float(n)
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= scale:
+            shown = value / scale
+            digits = 2 if shown < 10 else 1 if shown < 100 else 0
+            return f"{shown:,.{digits}f}{suffix}{unit}"
+    return f"{value:,.0f}{unit}"
+
+
+def region_label(region: str) -> str:
+    """A region as people read it. Vast names regions `City, CC, Continent` and leaves the city empty
+    where it is unknown (`, CN, AS`); the name itself stays as the provider spells it for launching."""
+    return region.strip().lstrip(",").strip() or region
+
+
+def cents_that_add_up(parts: list[Number], total: Optional[Number] = None) -> list[Decimal]:
+    """Each part rounded to the cent so that the rounded parts add up to the rounded total (the sum of
+    the parts unless given): the largest-remainder method, as invoices split a sum. $0.304 + $0.294 +
+    $0.094 = $0.692 shows as $0.31 + $0.29 + $0.09 = $0.69, not $0.30 + $0.29 + $0.09 = $0.68."""
+    exact = [_decimal(p) for p in parts]
+    target = _decimal(sum(exact) if total is None else total).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
+    cent = Decimal("0.01")
+    floors = [(p / cent).to_integral_value(rounding="ROUND_FLOOR") * cent for p in exact]
+    short = int(((target - sum(floors, Decimal(0))) / cent).to_integral_value())
+    # Hand the missing cents to the parts that lost the most to the floor (ties: the earlier part).
+    order = sorted(range(len(exact)), key=lambda i: (-(exact[i] - floors[i]), i))
+    result = list(floors)
+    for i in (order[:short] if short >= 0 else order[::-1][:-short]):
+        result[i] += cent if short >= 0 else -cent
+    return [r.quantize(cent) for r in result]
+
+
+def phrases(parts: list[str], width: int, sep: str = " · ", indent: str = "  ") -> str:
+    """Join phrases on one line, breaking only between them (never inside `expected $0.02`): a
+    continuation starts with `indent`. A phrase longer than the width gets a line of its own."""
+    lines: list[str] = []
+    current = ""
+    for part in (p for p in parts if p):
+        candidate = part if not current else f"{current}{sep}{part}"
+        if current and len(candidate) > width:
+            lines.append(current)
+            current = indent + part
+        else:
+            current = candidate
+    if current:
+        lines.append(current)
+    return "\n".join(lines)

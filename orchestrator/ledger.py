@@ -13,16 +13,17 @@ import secrets
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 from sqlalchemy import create_engine, event, func, select, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
 from sqlalchemy.orm import Session
 
-from contract.errors import UserError
+from orchestrator.ledger_errors import LedgerError, OneLineErrors
 from orchestrator.ledger_events import events_to_rows, insert_ignore, read_new_lines
-from orchestrator.ledger_tables import (JOB_STATUSES, Attempt, AttemptRecord, Checkpoint, CheckpointRecord, Estimate,
+from orchestrator.ledger_tables import (EXECUTION_COLUMNS, JOB_STATUSES, TERMINAL_STATUSES, Attempt, AttemptRecord, BudgetChange,
+                                        BudgetChangeRecord, Checkpoint, CheckpointRecord, Estimate,
                                         EstimateRecord, EventCursor, Job, JobRecord, LatestProgress, ProgressSample,
                                         RunEvent, RunEventRecord, SampleRecord)
 from orchestrator.redact import redact
@@ -36,10 +37,6 @@ __all__ = ["Ledger", "LedgerError", "JobRecord", "EstimateRecord", "AttemptRecor
            "SampleRecord", "RunEventRecord", "LatestProgress", "JOB_STATUSES", "redact"]
 
 BUSY_TIMEOUT_SECONDS = 60
-
-
-class LedgerError(UserError):
-    """The ledger cannot be opened or a job cannot be found; one line for the user."""
 
 
 def _now() -> datetime:
@@ -81,14 +78,17 @@ class Ledger:
             raise LedgerError(f"the ledger at {self.display_url} needs the {e.name} driver: pip install 'spotune[postgres]'") from None
         except OSError as e:
             raise LedgerError(f"cannot create the ledger's directory for {self.display_url}: {e.strerror}") from None
+        self._errors = OneLineErrors(self.display_url, parsed.database if self.dialect == "sqlite" else None)
+        self._errors.install(self._engine)
         # Writes on SQLite take the write lock at BEGIN (IMMEDIATE): a deferred transaction that
         # reads then writes can hit SQLITE_BUSY without waiting when another writer got in between.
         self._write_engine = self._engine.execution_options(sqlite_begin="IMMEDIATE")
         try:
             self._migrate()
-        except OperationalError as e:
+        except DBAPIError as e:  # OperationalError, and DatabaseError: "file is not a database"
             self._engine.dispose()
             raise LedgerError(f"cannot open ledger at {self.display_url}: {str(e.orig).strip().splitlines()[0]}") from None
+        self._errors.opened = True
 
     @staticmethod
     def _sqlite_engine(parsed):
@@ -117,8 +117,23 @@ class Ledger:
         from orchestrator.migrations import NewerSchemaError, upgrade_to_head
 
         try:
-            with self._write_engine.begin() as conn:
-                upgrade_to_head(conn)
+            with self._write_engine.connect() as conn:
+                sqlite = conn.dialect.name == "sqlite"
+                if sqlite:
+                    # Alembic rebuilds a SQLite table to change a column: it drops the old one, and with
+                    # foreign keys on, dropping a parent first deletes its rows, cascading to every child
+                    # table. SQLite's own procedure for schema changes: keys off outside the
+                    # transaction, checked before the commit.
+                    conn.connection.dbapi_connection.execute("PRAGMA foreign_keys = OFF")
+                try:
+                    with conn.begin():
+                        upgrade_to_head(conn)
+                        if sqlite and conn.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
+                            raise LedgerError(f"the ledger at {self.display_url} has rows whose job is gone; "
+                                              "not migrated (nothing changed)")
+                finally:
+                    if sqlite:
+                        conn.connection.dbapi_connection.execute("PRAGMA foreign_keys = ON")
         except NewerSchemaError as e:
             self._engine.dispose()
             raise LedgerError(f"the ledger at {self.display_url} {e}") from None
@@ -140,19 +155,23 @@ class Ledger:
 
     # ---- jobs -------------------------------------------------------------------------------
 
-    def create_job(self, spec: "JobSpec", spec_yaml: str, backend: str, plan: "Plan", chosen_rank: int) -> str:
-        """Record a job and the estimate it is launched on, in one transaction; return its id."""
+    def create_job(self, spec: "JobSpec", spec_yaml: str, backend: str, plan: "Plan", chosen_rank: int,
+                   run_dir: Optional[Callable[[str], Path | str]] = None) -> str:
+        """Record a job and the estimate it is launched on, in one transaction; return its id.
+
+        `run_dir(job_id)` says where the job's run will live: recorded with the job, before anything
+        is started, so a launch killed midway can still be found and settled."""
         chosen = next((o for o in plan.options if o.rank == chosen_rank), None)
         if chosen is None:
             raise ValueError(f"plan has no option with rank {chosen_rank} (ranks: {[o.rank for o in plan.options]})")
         for _ in range(3):
             try:
-                return self._insert_job(spec, spec_yaml, backend, plan, chosen)
+                return self._insert_job(spec, spec_yaml, backend, plan, chosen, run_dir)
             except IntegrityError:
                 continue  # another process took the same random id in the same instant
         raise RuntimeError(f"could not record job {spec.name}: id collisions three times in a row")
 
-    def _insert_job(self, spec: "JobSpec", spec_yaml: str, backend: str, plan: "Plan", chosen) -> str:
+    def _insert_job(self, spec: "JobSpec", spec_yaml: str, backend: str, plan: "Plan", chosen, run_dir) -> str:
         now = _now()
         budget = spec.constraints.budget
         with self._write() as s, s.begin():
@@ -160,14 +179,15 @@ class Ledger:
             s.add(Job(id=job_id, name=spec.name, model=spec.model, method=spec.method, spec_yaml=spec_yaml,
                       spec_hash=spec.spec_hash(), status="pending", backend=backend,
                       budget=None if budget is None else Decimal(str(budget)), external_id=None,
-                      failure_reason=None, created_at=now, updated_at=now))
+                      failure_reason=None, created_at=now, updated_at=now,
+                      run_dir=None if run_dir is None else str(run_dir(job_id))))
             s.flush()
             s.add(Estimate(job_id=job_id, plan_json=json.dumps(plan.to_json(), sort_keys=True),
                            chosen_rank=chosen.rank, catalog_snapshot=plan.catalog_snapshot,
                            **chosen.placement.columns(), tokens_per_second=float(chosen.tokens_per_second),
                            hours=float(chosen.hours), preemption_overhead_hours=float(chosen.preemption_overhead_hours),
                            expected_cost=chosen.expected_cost, total_tokens=int(plan.total_tokens),
-                           created_at=now))
+                           created_at=now, **{k: getattr(chosen.execution, k) for k in EXECUTION_COLUMNS}))
         return job_id
 
     @staticmethod
@@ -184,6 +204,8 @@ class Ledger:
         values = {"status": status, "updated_at": _now()}
         if reason is not None:
             values["failure_reason"] = redact(reason)
+        elif status not in TERMINAL_STATUSES:
+            values["failure_reason"] = None  # running again (a resumed job): the old reason no longer holds
         self._update_job(job_id, values)
 
     def set_external_id(self, job_id: str, external_id: str) -> None:
@@ -225,7 +247,7 @@ class Ledger:
     def upsert_attempt(self, job_id: str, observed: "ObservedAttempt") -> None:
         """Insert attempt (job, n) or update it; end fields are filled in when they appear and
         never erased by a later observation that lacks them."""
-        placement = {**observed.placement.columns(), "started_at": observed.started_at}
+        placement = {**observed.placement.columns(), "started_at": observed.started_at, "kind": observed.kind}
         late = {"ended_at": observed.ended_at, "end_reason": observed.end_reason,
                 "external_id": observed.external_id,
                 "detail": None if observed.detail is None else redact(observed.detail)}
@@ -265,7 +287,7 @@ class Ledger:
                 return 0
             starts_before = s.scalar(select(func.count()).select_from(RunEvent).where(
                 RunEvent.job_id == job_id, RunEvent.event == "start", RunEvent.offset < start)) if start else 0
-            rows = events_to_rows(job_id, lines, base_dir=path.parent, starts_before=starts_before)
+            rows = events_to_rows(job_id, lines, starts_before=starts_before)
             for model, batch in ((ProgressSample, rows.samples), (Checkpoint, rows.checkpoints), (RunEvent, rows.run_events)):
                 if batch:
                     s.execute(insert_ignore(s.bind.dialect.name, model), batch)
@@ -274,9 +296,29 @@ class Ledger:
             else:
                 cursor.path, cursor.offset, cursor.updated_at = str(path), end, _now()
             s.flush()
+            self._mark_verified(s, job_id, rows.run_events)
             if rows.count:
                 self._refresh_progress(s, job_id)
             return rows.count
+
+    @staticmethod
+    def _mark_verified(s: Session, job_id: str, run_events: list[dict]) -> None:
+        """A checkpoint is verified when a resume loaded it (its `start` names the step) and
+        failed when a resume skipped it (`checkpoint_skipped`): the newest one of that step saved
+        by an earlier attempt."""
+        for ev in run_events:
+            payload = json.loads(ev["payload"])
+            if ev["event"] == "start" and isinstance(payload.get("resumed_from_step"), int):
+                step, verdict = payload["resumed_from_step"], True
+            elif ev["event"] == "checkpoint_skipped" and ev["step"] is not None:
+                step, verdict = ev["step"], False
+            else:
+                continue
+            row = s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step == step,
+                                                     Checkpoint.attempt < ev["attempt"])
+                            .order_by(Checkpoint.attempt.desc()).limit(1)).first()
+            if row is not None:
+                row.verified = verdict
 
     @staticmethod
     def _refresh_progress(s: Session, job_id: str, attempt_numbers: Optional[Iterable[int]] = None) -> None:
@@ -291,7 +333,10 @@ class Ledger:
             # Runs on every ingest (every watch tick): each read below is an index seek, never a scan.
             start = s.scalars(select(RunEvent).where(RunEvent.job_id == job_id, RunEvent.attempt == n,
                                                      RunEvent.event == "start").order_by(RunEvent.offset.desc()).limit(1)).first()
-            resumed = json.loads(start.payload).get("resumed_from_step") if start is not None else None
+            payload = json.loads(start.payload) if start is not None else {}
+            resumed = payload.get("resumed_from_step")
+            for name, value in _ran_execution(payload).items():
+                setattr(attempt, name, value)
             finished = s.scalars(select(RunEvent).where(RunEvent.job_id == job_id, RunEvent.attempt == n,
                                                         RunEvent.event == "finished").limit(1)).first()
             # max(tokens), spelled as ORDER BY ... LIMIT 1: PostgreSQL then seeks the index even
@@ -302,6 +347,19 @@ class Ledger:
                          .order_by(ProgressSample.tokens.desc()).limit(1))
             attempt.resumed_from_step = resumed
             attempt.tokens = None if end_tokens is None else max(0, end_tokens - _tokens_at_resume(s, job_id, n, resumed))
+
+    def change_budget(self, job_id: str, budget: Optional[Decimal], spent: Decimal, reason: str) -> None:
+        """Put `budget` in force for the job and record the change (from what, at what spend, why)."""
+        with self._write() as s, s.begin():
+            job = s.get(Job, job_id, with_for_update=True)
+            if job is None:
+                raise LedgerError(f"no job {job_id!r} in the ledger")
+            s.add(BudgetChange(job_id=job_id, time=_now(), old_budget=job.budget, new_budget=budget,
+                               spent=Decimal(spent), reason=redact(reason)))
+            job.budget, job.updated_at = budget, _now()
+
+    def budget_changes(self, job_id: str) -> list[BudgetChangeRecord]:
+        return self._rows(BudgetChangeRecord, BudgetChange, job_id, BudgetChange.time, BudgetChange.id)
 
     # ---- reads --------------------------------------------------------------------------------
 
@@ -345,10 +403,33 @@ class Ledger:
         with self._read() as s:
             return [record(*row) for row in s.execute(query)]
 
+    def run_events_named(self, job_id: str, event_name: str) -> list[RunEventRecord]:
+        """The job's run events of one kind, in file order: an index seek, cheap on every watch tick."""
+        with self._read() as s:
+            rows = s.scalars(select(RunEvent).where(RunEvent.job_id == job_id, RunEvent.event == event_name)
+                             .order_by(RunEvent.offset)).all()
+            return [_record(RunEventRecord, r, payload=json.loads(r.payload)) for r in rows]
+
     def run_events(self, job_id: str) -> list[RunEventRecord]:
         with self._read() as s:
             rows = s.scalars(select(RunEvent).where(RunEvent.job_id == job_id).order_by(RunEvent.offset)).all()
             return [_record(RunEventRecord, r, payload=json.loads(r.payload)) for r in rows]
+
+
+def _ran_execution(start_payload: dict) -> dict:
+    """The execution fields a `start` event reports, each only where it has the type it should
+    (the file comes from the node: a field of the wrong type is left unknown, never stored)."""
+    fields = {}
+    for name in EXECUTION_COLUMNS:
+        value = start_payload.get(name)
+        if name == "gradient_checkpointing":
+            ok = isinstance(value, bool)
+        elif name in ("micro_batch", "grad_accum"):
+            ok = isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**31
+        else:
+            ok = isinstance(value, str) and len(value) <= (32 if name == "attention" else 8 if name == "sharding" else 16)
+        fields[name] = value if ok else None
+    return fields
 
 
 def _tokens_at_resume(s: Session, job_id: str, n: int, resumed_from_step: Optional[int]) -> int:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Optional
 
 from contract.events import CHECKPOINT, ERROR, RUN_EVENTS, START, STEP, parse_line, read_new_lines
@@ -48,7 +47,7 @@ def _time(value) -> Optional[datetime]:
     return datetime.fromtimestamp(seconds, timezone.utc)
 
 
-def events_to_rows(job_id: str, lines: list[tuple[int, bytes]], base_dir: Path, starts_before: int = 0) -> EventRows:
+def events_to_rows(job_id: str, lines: list[tuple[int, bytes]], starts_before: int = 0) -> EventRows:
     """Rows for the ledger. An event's attempt is the larger of the number it carries and the count
     of `start` events so far: a recipe restarted by a backend that does not tell it its attempt
     number (SkyPilot recovery reruns the same task) still gets one attempt per start, so the steps
@@ -80,12 +79,10 @@ def events_to_rows(job_id: str, lines: list[tuple[int, bytes]], base_dir: Path, 
             if step is None or not path or (attempt, step) in seen_checkpoints:
                 continue
             seen_checkpoints.add((attempt, step))
-            local = Path(path) if Path(path).is_absolute() else base_dir / path
             rows.checkpoints.append({"job_id": job_id, "attempt": attempt, "step": step, "path": path,
                                      "bytes": _int(ev.get("bytes")), "seconds": _float(ev.get("seconds")),
-                                     # the recipe renames a checkpoint into place only once it is
-                                     # complete, so existing here means whole; remote paths stay unverified
-                                     "verified": local.exists(), "time": when})
+                                     # verified only once a resume has loaded it (Ledger._mark_verified)
+                                     "verified": None, "time": when})
         elif kind in RUN_EVENTS:
             if kind == ERROR and isinstance(ev.get("message"), str):
                 ev["message"] = redact(ev["message"])

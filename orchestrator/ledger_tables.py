@@ -17,15 +17,19 @@ from sqlalchemy import (BigInteger, Boolean, DateTime, Float, ForeignKey, Index,
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from contract.files import MAX_PATH_BYTES
 from contract.placement import Placement
 
 # Catalog prices carry up to 6 decimals (e.g. GCP's 0.41783 $/h); keep them exact.
 MONEY_SCALE = 6
 MONEY_PRECISION = 18
 _MONEY_QUANTUM = Decimal(1).scaleb(-MONEY_SCALE)
+MAX_MONEY_RECORDED = Decimal(10) ** (MONEY_PRECISION - MONEY_SCALE)   # NUMERIC(18, 6) holds less than this
 
 JOB_STATUSES = ("pending", "running", "recovering", "succeeded", "failed", "cancelled", "over_budget")
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled", "over_budget")
+# The execution config's fields the ledger keeps, planned (estimates) and as run (attempts).
+EXECUTION_COLUMNS = ("micro_batch", "grad_accum", "gradient_checkpointing", "attention", "dtype", "sharding")
 
 
 class Money(TypeDecorator):
@@ -103,17 +107,19 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(96), primary_key=True)
     name: Mapped[str] = mapped_column(String(64), index=True)
-    model: Mapped[str] = mapped_column(String(200))
+    model: Mapped[str] = mapped_column(String(MAX_PATH_BYTES))     # an HF id or a local path: as long as the spec allows
     method: Mapped[str] = mapped_column(String(16))
     spec_yaml: Mapped[str] = mapped_column(Text)
     spec_hash: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16))
     backend: Mapped[str] = mapped_column(String(32))
     budget: Mapped[Optional[Decimal]] = mapped_column(Money, nullable=True)
-    external_id: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
+    external_id: Mapped[Optional[str]] = mapped_column(Text, nullable=True)    # the backend's (local: the run dir)
     failure_reason: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Written with the job, before any process starts: a launch killed midway is still found here.
+    run_dir: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
 
 
 class Estimate(Base):
@@ -138,6 +144,13 @@ class Estimate(Base):
     expected_cost: Mapped[Decimal] = mapped_column(Money)
     total_tokens: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # The chosen option's execution config, as planned (NULL for jobs recorded before it existed).
+    micro_batch: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    grad_accum: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    gradient_checkpointing: Mapped[Optional[bool]] = mapped_column(Boolean, nullable=True)
+    attention: Mapped[Optional[str]] = mapped_column(String(32), nullable=True)
+    dtype: Mapped[Optional[str]] = mapped_column(String(16), nullable=True)
+    sharding: Mapped[Optional[str]] = mapped_column(String(8), nullable=True)
 
 
 class Attempt(Base):
@@ -157,10 +170,20 @@ class Attempt(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
     ended_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime, nullable=True)
     end_reason: Mapped[Optional[str]] = mapped_column(String(16), nullable=True)
-    external_id: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
+    external_id: Mapped[Optional[str]] = mapped_column(Text, nullable=True)    # the backend's (local: the run dir)
     tokens: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)   # trained in this attempt
     resumed_from_step: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
     detail: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    # "training", or "controller": what the backend's own machinery (SkyPilot's jobs controller) cost
+    # over the job, as attempt 0, so every sum over attempts includes it.
+    kind: Mapped[str] = mapped_column(String(16), default="training", server_default="training")
+    # The execution config this attempt ran, from its recipe's `start` event (NULL until it logged one).
+    micro_batch: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    grad_accum: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    gradient_checkpointing: Mapped[Optional[bool]] = mapped_column(Boolean, nullable=True)
+    attention: Mapped[Optional[str]] = mapped_column(String(32), nullable=True)
+    dtype: Mapped[Optional[str]] = mapped_column(String(16), nullable=True)
+    sharding: Mapped[Optional[str]] = mapped_column(String(8), nullable=True)
 
 
 class Checkpoint(Base):
@@ -174,7 +197,8 @@ class Checkpoint(Base):
     path: Mapped[str] = mapped_column(Text)
     bytes: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)
     seconds: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
-    verified: Mapped[bool] = mapped_column(Boolean)
+    # NULL until a resume loaded it (true) or skipped it as corrupt or incomplete (false).
+    verified: Mapped[Optional[bool]] = mapped_column(Boolean, nullable=True)
     time: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
@@ -211,7 +235,7 @@ class RunEvent(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     offset: Mapped[int] = mapped_column(BigInteger)
     attempt: Mapped[int] = mapped_column(Integer)
-    event: Mapped[str] = mapped_column(String(16))
+    event: Mapped[str] = mapped_column(String(32))
     step: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
     tokens: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)
     payload: Mapped[str] = mapped_column(Text)       # the JSON line, secrets redacted
@@ -227,6 +251,21 @@ class EventCursor(Base):
     path: Mapped[str] = mapped_column(Text)
     offset: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class BudgetChange(Base):
+    """A job's budget raised (or removed) after launch, e.g. to continue a job stopped over budget.
+    Inserted once, never updated: jobs.budget is the budget in force, these rows its history."""
+
+    __tablename__ = "budget_changes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    time: Mapped[datetime] = mapped_column(UTCDateTime)
+    old_budget: Mapped[Optional[Decimal]] = mapped_column(Money, nullable=True)
+    new_budget: Mapped[Optional[Decimal]] = mapped_column(Money, nullable=True)
+    spent: Mapped[Decimal] = mapped_column(Money)
+    reason: Mapped[str] = mapped_column(Text)
 
 
 # ---- records: what the Ledger's reads return (frozen copies, safe to keep after the session) ----
@@ -249,6 +288,12 @@ class EstimateRecord:
     expected_cost: Decimal
     total_tokens: int
     created_at: datetime
+    micro_batch: Optional[int] = None
+    grad_accum: Optional[int] = None
+    gradient_checkpointing: Optional[bool] = None
+    attention: Optional[str] = None
+    dtype: Optional[str] = None
+    sharding: Optional[str] = None
 
     @property
     def expected_hours(self) -> float:
@@ -279,6 +324,7 @@ class JobRecord:
     created_at: datetime
     updated_at: datetime
     estimate: EstimateRecord
+    run_dir: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -298,6 +344,13 @@ class AttemptRecord:
     tokens: Optional[int]
     resumed_from_step: Optional[int]
     detail: Optional[str]
+    micro_batch: Optional[int] = None
+    grad_accum: Optional[int] = None
+    gradient_checkpointing: Optional[bool] = None
+    attention: Optional[str] = None
+    dtype: Optional[str] = None
+    sharding: Optional[str] = None
+    kind: str = "training"      # contract.backend.AttemptKind: "controller" is the backend's own line, attempt 0
 
     @property
     def placement(self) -> Placement:
@@ -311,7 +364,7 @@ class CheckpointRecord:
     path: str
     bytes: Optional[int]
     seconds: Optional[float]
-    verified: bool
+    verified: Optional[bool]   # None: no resume has loaded or skipped it
     time: datetime
 
 
@@ -329,7 +382,7 @@ class SampleRecord:
 @dataclass(frozen=True)
 class RunEventRecord:
     attempt: int
-    event: str               # start | preempted | finished | error
+    event: str               # contract.events.RUN_EVENTS
     step: Optional[int]
     tokens: Optional[int]
     time: datetime
@@ -344,3 +397,13 @@ class LatestProgress:
     recent_tokens_per_second: tuple[float, ...]    # that attempt's latest nonzero rates, oldest first
     start: Optional[RunEventRecord]                # the latest `start` event
     started_attempts: frozenset[int]               # attempts whose recipe has logged `start`
+
+
+@dataclass(frozen=True)
+class BudgetChangeRecord:
+    time: datetime
+    old_budget: Optional[Decimal]
+    new_budget: Optional[Decimal]
+    spent: Decimal
+    reason: str
+

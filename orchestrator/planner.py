@@ -15,17 +15,21 @@ from decimal import Decimal
 from typing import Iterable, Optional, Sequence
 
 from contract.errors import UserError
+from contract.execution import grad_accum_for
 from orchestrator.estimate import Calibration, DeviceSpec, load_calibration
 from orchestrator.estimate.memory import BatchChoice, MemoryEstimate, choose_batch, estimate_memory
 from orchestrator.estimate.preemption import (PreemptionOverhead, checkpoint_bytes, checkpoint_interval_hours,
                                               checkpoint_writes, preemption_overhead_hours)
 from orchestrator.estimate.throughput import ThroughputEstimate, estimate_throughput
 from orchestrator.estimate.tokens import DatasetTokens, dataset_tokens, total_training_tokens
-from orchestrator.architectures import ModelArch, local_tokenizer_file, resolve_architecture
+from orchestrator.architectures import ModelArch, model_tokenizer, resolve_architecture
+from orchestrator.execution import PinnedExecutionError, check_pinned, execution_for, pinned_allows
+from orchestrator.constraints import check_names
 from orchestrator.quote import CostLine, ManagedQuote, Offer, Option, Plan, Rejected
 
 KEEP_OPTIONS = 100          # options kept in a Plan (cheapest first); the count of all is in assumptions
 KEEP_REJECTED_PER_REASON = 10
+LOCAL_PROVIDER = "local"    # plan_local's offer: this machine
 
 
 class NoFeasibleOption(UserError):
@@ -43,6 +47,8 @@ class Job:
     tokens_per_step: int
     capped_by_max_steps: bool = False
     memory_memo: dict = field(default_factory=dict)   # (gpu_count, micro, checkpointing) -> MemoryEstimate
+    steps: Optional[int] = None     # the recipe's total_steps, where the dataset was read
+    blocks: Optional[int] = None    # packed seq_len blocks per epoch, likewise
 
 
 @dataclass(frozen=True)
@@ -95,34 +101,41 @@ class RejectedCandidate:
     group: Group
 
 
+class ContextTooLong(UserError):
+    """seq_len past the model's context: it would be refused (or run out of memory) on the node."""
+
+
 def resolve_job(spec, dataset: Optional[DatasetTokens] = None) -> Job:
     arch = resolve_architecture(spec.model)
+    if arch.max_context is not None and spec.seq_len > arch.max_context:
+        raise ContextTooLong(f"field 'seq_len': {spec.seq_len} is longer than model '{spec.model}' takes "
+                             f"(max_position_embeddings {arch.max_context})")
     if dataset is None:
-        dataset = dataset_tokens(spec, local_tokenizer_file(spec.model), arch.byte_tokenizer)
-    total = total_training_tokens(spec, dataset)
-    tokens_per_step = spec.batch.global_ * spec.seq_len
-    capped = bool(spec.train.max_steps) and spec.train.max_steps * tokens_per_step < total
-    if capped:
-        total = spec.train.max_steps * tokens_per_step
-    return Job(spec, arch, dataset, total, tokens_per_step, capped)
+        path = spec.data_path()
+        dataset = dataset_tokens(spec, model_tokenizer(spec.model) if path is not None and path.exists() else None)
+    trained = total_training_tokens(spec, dataset)
+    return Job(spec, arch, dataset, trained.tokens, spec.batch.global_ * spec.seq_len, trained.capped_by_max_steps,
+               steps=trained.steps, blocks=trained.blocks)
 
 
 def _group(job: Job, device: Optional[DeviceSpec], gpu_count: int, vram_gb: Optional[float], cal: Calibration) -> Group:
     spec, arch = job.spec, job.arch
     if device is None:
         return Group(None, None, None, None, 0, 0.0, 0.0)
-    ckpt = spec.train.gradient_checkpointing
+    ckpt, micro, pin = spec.train.gradient_checkpointing, spec.batch.micro, spec.execution
+    if pin is not None:   # a spec's own execution section fixes both
+        ckpt, micro = pin.gradient_checkpointing, pin.micro_batch
     choice, smallest = choose_batch(
         arch, spec.method, seq_len=spec.seq_len, global_batch=spec.batch.global_,
-        micro=None if spec.batch.micro == "auto" else spec.batch.micro,
+        micro=None if micro == "auto" else micro,
         checkpointing=None if ckpt == "auto" else ckpt, gpu_count=gpu_count, vram_gb=vram_gb, cal=cal,
         lora_r=spec.lora.r, target_modules=spec.lora.target_modules, lora_dropout=spec.lora.dropout,
-        memo=job.memory_memo)
+        memo=job.memory_memo, dtype=device.dtype)
     if choice is None:
         return Group(device, None, smallest, None, 0, 0.0, 0.0)
     tp = estimate_throughput(arch, spec.method, seq_len=spec.seq_len, gradient_checkpointing=choice.gradient_checkpointing,
                              device=device, gpu_count=gpu_count, cal=cal, micro_batch=choice.micro_batch)
-    grad_accum = math.ceil(spec.batch.global_ / (choice.micro_batch * gpu_count))
+    grad_accum = grad_accum_for(spec.batch.global_, choice.micro_batch, gpu_count)
     train_hours = job.total_tokens / tp.tokens_per_second / 3600
     interval = checkpoint_interval_hours(spec.checkpoint.every_minutes, spec.checkpoint.every_steps,
                                          job.tokens_per_step / tp.tokens_per_second, train_hours)
@@ -146,7 +159,11 @@ def _cost_lines(job: Job, candidate: Candidate, setup_hours: float) -> tuple[Cos
         lines.append(CostLine("checkpoint writes", _amount(price, g.checkpoint_hours),
                               f"{g.checkpoints} x {g.checkpoint_seconds:.3g} s to write (one every {g.interval_hours * 60:.3g} min) "
                               f"= {g.checkpoint_hours:.4f} h x ${price}/h"))
-    if setup_hours:
+    if setup_hours and candidate.offer.provider == LOCAL_PROVIDER:
+        lines.append(CostLine("start-up", _amount(price, setup_hours),
+                              f"{setup_hours * 3600:.1f} s (process start, imports, data, model build or load, "
+                              f"first-step warm-up, exit) x ${price}/h"))
+    elif setup_hours:
         lines.append(CostLine("setup", _amount(price, setup_hours),
                               f"{setup_hours * 60:.0f} min (provision, install, download model) x ${price}/h"))
     if candidate.spot:
@@ -270,7 +287,10 @@ def _option(rank: int, job: Job, candidate: Candidate, setup_hours: float) -> Op
                   grad_accum=g.grad_accum, gradient_checkpointing=g.choice.gradient_checkpointing,
                   tokens_per_second=g.throughput.tokens_per_second, memory_gb_per_gpu=g.choice.memory.total_gib,
                   hours=candidate.base_hours, preemption_overhead_hours=candidate.preemption_hours,
-                  expected_cost=sum((line.amount for line in lines), Decimal(0)), lines=lines)
+                  expected_cost=sum((line.amount for line in lines), Decimal(0)), lines=lines,
+                  execution=execution_for(candidate.offer, g.choice, g.grad_accum, g.device.dtype))
+
+
 
 
 def _rejected(misses: list[RejectedCandidate], c) -> tuple[tuple[Rejected, ...], dict]:
@@ -295,6 +315,8 @@ def _closest_miss(job: Job, misses: list[RejectedCandidate], offers_seen: int, c
     if not offers_seen:
         parts = [f"{k} {v}" for k, v in (("gpus", c.gpus), ("providers", c.providers), ("regions", c.regions)) if v]
         parts.append(f"max_gpus {c.max_gpus}, spot {c.spot}")
+        if job.spec.execution is not None:
+            parts.append(f"execution {job.spec.execution.gpu_count}x{job.spec.execution.gpu}")
         return f"no offer matches the constraints ({'; '.join(parts)})"
     # The later a check, the closer the miss: budget failures passed memory, price and deadline.
     for reason in ("over_budget", "misses_deadline", "over_max_price"):
@@ -307,6 +329,11 @@ def _closest_miss(job: Job, misses: list[RejectedCandidate], offers_seen: int, c
         need = estimate_memory(arch, spec.method, seq_len=spec.seq_len, micro_batch=1, gradient_checkpointing=True,
                                gpu_count=1, cal=cal, lora_r=spec.lora.r, target_modules=spec.lora.target_modules,
                                lora_dropout=spec.lora.dropout)
+        if spec.method != "full":  # DDP keeps the whole frozen base on every GPU: more GPUs do not help
+            largest = max((m.offer for m in misses if m.reason == "does_not_fit_memory"), key=lambda o: o.vram_gb_per_gpu)
+            return (f"{spec.model} {spec.method} needs {need.total_gib:,.0f} GB on each GPU (micro-batch 1, gradient "
+                    f"checkpointing; data-parallel GPUs each hold the whole base model); the largest allowed GPU has "
+                    f"{largest.vram_gb_per_gpu:,.0f} GB ({largest.gpu}, {largest.provider})")
         largest = max((m.offer for m in misses if m.reason == "does_not_fit_memory"),
                       key=lambda o: o.gpu_count * o.vram_gb_per_gpu)
         return (f"{spec.model} {spec.method} needs {need.total_gib:,.0f} GB across GPUs (micro-batch 1, gradient "
@@ -339,6 +366,9 @@ def _build_plan(job: Job, feasible: list[Candidate], rejected: list[RejectedCand
     kept_rejected, counts = _rejected(rejected, job.spec.constraints)
     assumptions = {
         "dataset": {"examples": job.dataset.examples, "tokens_per_epoch": job.dataset.tokens, "counted": job.dataset.how,
+                    "train_tokens_per_epoch": job.dataset.train_tokens, "exact": job.dataset.exact,
+                    "blocks_per_epoch": job.blocks, "steps": job.steps, "seq_len": job.spec.seq_len,
+                    "global_batch": job.spec.batch.global_,
                     "epochs": job.spec.epochs, "validation_fraction": job.spec.data.validation_fraction,
                     "capped_by_max_steps": job.capped_by_max_steps},
         "setup_hours": setup_hours,
@@ -362,7 +392,9 @@ def make_plan(spec, offers: Sequence[Offer], managed: Sequence = (), calibration
     job = resolve_job(spec, dataset)
     setup_hours = cal.overheads.setup_minutes / 60
     offers = list(offers)
-    allowed = [o for o in offers if _allowed(o, spec.constraints)]
+    check_names(spec.constraints, offers)
+    check_pinned(spec, cal)
+    allowed = [o for o in offers if _allowed(o, spec.constraints) and pinned_allows(o, spec.execution)]
     feasible, rejected = _evaluate(job, allowed, cal, setup_hours=setup_hours, device_of=_device_resolver(cal))
     if not feasible:
         raise NoFeasibleOption(_closest_miss(job, rejected, len(allowed), cal))
@@ -374,24 +406,36 @@ def make_plan(spec, offers: Sequence[Offer], managed: Sequence = (), calibration
 
 def plan_local(spec, gpu: str, gpu_count: int, price_per_hour, calibration: Optional[Calibration] = None, *,
                dataset: Optional[DatasetTokens] = None, vram_gb: Optional[float] = None) -> Plan:
-    """The same estimate for this machine: provider `local`, region `this-machine`, no setup time,
-    no spot market, the spec's constraints not applied (the machine is what it is)."""
+    """The same estimate for this machine: provider `local`, region `this-machine`, no spot market,
+    the spec's constraints not applied (the machine is what it is). No VM to provision, but a
+    start-up line: process start and model build or load (`local_startup_hours`)."""
     cal = calibration or load_calibration()
     job = resolve_job(spec, dataset)
     device = cal.device(gpu)
     if device is None:
         raise UserError(f"unknown local device '{gpu}': known are CPU and the catalog's GPU names (e.g. H100, A100-80GB, RTX4090)")
+    check_pinned(spec, cal)
+    pin = spec.execution
+    if pin is not None and (pin.gpu.lower() != gpu.lower() or pin.gpu_count != gpu_count):
+        raise PinnedExecutionError(f"execution pins {pin.gpu_count}x{pin.gpu}; this machine has {gpu_count}x{gpu}")
     vram = vram_gb if vram_gb is not None else device.vram_gb
     price = Decimal(str(price_per_hour))
-    offer = Offer(provider="local", region="this-machine", instance_type="local", gpu=gpu, gpu_count=gpu_count,
+    offer = Offer(provider=LOCAL_PROVIDER, region="this-machine", instance_type="local", gpu=gpu, gpu_count=gpu_count,
                   vram_gb_per_gpu=vram if vram is not None else 0.0, price_on_demand=price, price_spot=None,
                   source="local")
     g = _group(job, device, gpu_count, vram, cal)
     if g.choice is None:
         raise NoFeasibleOption(f"does not fit this machine: {_memory_detail(g, offer)}")
-    hours = g.train_hours + g.checkpoint_hours
+    startup = local_startup_hours(job.arch, cal)
+    hours = g.train_hours + g.checkpoint_hours + startup
     candidate = Candidate(float(price) * hours, hours, offer, False, price, g, hours)
-    return _build_plan(job, [candidate], [], (), cal, "local price", 0.0, 1)
+    return _build_plan(job, [candidate], [], (), cal, "local price", startup, 1)
+
+
+def local_startup_hours(arch: ModelArch, cal: Calibration) -> float:
+    """A local run's start-up: the measured fixed seconds plus reading 16-bit weights from disk."""
+    startup = cal.overheads.local_startup
+    return (startup.seconds + 2 * arch.params / (startup.model_load_gb_per_s * 1e9)) / 3600
 
 
 def break_even_tokens(option: Option, quote: ManagedQuote, total_tokens: int, setup_hours: float) -> Optional[float]:

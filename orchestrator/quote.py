@@ -9,9 +9,39 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Optional
 
+from contract.execution import ATTENTION_PLANNED, ExecutionConfig
 from contract.placement import Placement
 
 CENT = Decimal("0.01")
+
+
+def money_json(amount) -> Optional[str]:
+    """Money in `--json` output: the exact Decimal as a string with all its digits, never a float
+    (0.1 + 0.2 is not 0.3 in binary) and never exponent notation; None stays None (JSON null)."""
+    if amount is None:
+        return None
+    return format(amount if isinstance(amount, Decimal) else Decimal(str(amount)), "f")
+
+
+MICRO = Decimal("0.000001")  # the unit of plan lines and ledger amounts in --json: a micro-dollar
+
+
+def round_parts(parts: list[Decimal], total: Decimal, unit: Decimal) -> list[Decimal]:
+    """Exact parts rounded to `unit` so that they add up to `total` (a multiple of `unit` within one
+    unit of their exact sum), each keeping its sign: every part goes to its floor or its ceiling, and
+    the units the floors fall short go to the largest remainders (invoices split a sum this way).
+    Floor and ceiling of a positive part are >= 0 and of a negative part <= 0, so no part's sign
+    turns against the explanation beside it, as a rounded-away remainder would."""
+    floors = [(p / unit).to_integral_value(rounding="ROUND_FLOOR") * unit for p in parts]
+    short = int(((total - sum(floors, Decimal(0))) / unit).to_integral_value())
+    order = sorted(range(len(parts)), key=lambda i: (-(parts[i] - floors[i]), i))
+    fractional = [i for i in order if parts[i] != floors[i]]
+    if not 0 <= short <= len(fractional):
+        raise ValueError(f"total {total} is not within one {unit} of the parts' sum {sum(parts, Decimal(0))}")
+    result = list(floors)
+    for i in fractional[:short]:
+        result[i] += unit
+    return [r.quantize(unit) for r in result]
 
 
 def money(x) -> Decimal:
@@ -71,6 +101,21 @@ class Option:
     preemption_overhead_hours: float
     expected_cost: Decimal
     lines: tuple[CostLine, ...] = ()
+    # The whole config the price describes and the node runs (micro_batch, grad_accum and
+    # gradient_checkpointing above are its fields, kept flat for readers of the plan's JSON).
+    execution: Optional[ExecutionConfig] = None
+
+    def __post_init__(self) -> None:
+        ex = self.execution
+        if ex is None:  # an Option built by hand (tests, benches): bf16, one GPU or DDP
+            ex = ExecutionConfig(gpu=self.offer.gpu, gpu_count=self.offer.gpu_count, micro_batch=self.micro_batch,
+                                 grad_accum=self.grad_accum, gradient_checkpointing=self.gradient_checkpointing,
+                                 attention=ATTENTION_PLANNED, dtype="bfloat16",
+                                 sharding="none" if self.offer.gpu_count == 1 else "ddp")
+            object.__setattr__(self, "execution", ex)
+        flat = (self.micro_batch, self.grad_accum, self.gradient_checkpointing, self.offer.gpu, self.offer.gpu_count)
+        if flat != (ex.micro_batch, ex.grad_accum, ex.gradient_checkpointing, ex.gpu, ex.gpu_count):
+            raise ValueError(f"option {self.rank}: execution {ex.describe()} disagrees with the option's own fields")
 
     @property
     def expected_hours(self) -> float:
@@ -92,17 +137,18 @@ class Option:
             "gpu": o.gpu,
             "gpu_count": o.gpu_count,
             "spot": self.spot,
-            "price_per_hour": float(self.price_per_hour),
+            "price_per_hour": money_json(self.price_per_hour),
             "tokens_per_second": round(self.tokens_per_second, 1),
             "memory_gb_per_gpu": round(self.memory_gb_per_gpu, 2),
             "micro_batch": self.micro_batch,
             "gradient_checkpointing": self.gradient_checkpointing,
             "hours": round(self.hours, 4),
             "preemption_overhead_hours": round(self.preemption_overhead_hours, 4),
-            "expected_cost": float(money(self.expected_cost)),
+            "expected_cost": money_json(self.expected_cost),   # = the sum of the lines' amounts
             "grad_accum": self.grad_accum,
             "expected_hours": round(self.expected_hours, 4),
-            "lines": [{"item": l.item, "amount": float(l.amount), "formula": l.formula} for l in self.lines],
+            "execution": self.execution.to_json(),
+            "lines": [{"item": l.item, "amount": money_json(l.amount), "formula": l.formula} for l in self.lines],
         }
 
 
@@ -120,8 +166,10 @@ class Rejected:
                 "spot": self.spot, "reason": self.reason, "detail": self.detail}
 
 
+# not_launchable: the backend cannot start it (a cloud `sky check` did not enable, a feature the
+# cloud lacks); the detail is the backend's own reason.
 REJECT_REASONS = ("does_not_fit_memory", "over_max_price", "misses_deadline", "over_budget", "no_spot_market",
-                  "unknown_gpu")
+                  "unknown_gpu", "not_launchable")
 
 
 @dataclass(frozen=True)
@@ -136,8 +184,8 @@ class ManagedQuote:
 
     def to_json(self) -> dict:
         return {"service": self.service, "model": self.model,
-                "price_per_million_tokens": float(self.price_per_million_tokens),
-                "cost": float(money(self.cost)), "note": self.note}
+                "price_per_million_tokens": money_json(self.price_per_million_tokens),
+                "cost": money_json(self.cost), "note": self.note}
 
 
 @dataclass(frozen=True)

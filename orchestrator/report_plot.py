@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from contract.errors import UserError
-from orchestrator.format import usd
+from orchestrator.format import usd_fine
 from orchestrator.report import SPLIT, Entry
 
 INSTALL_HINT = "--plot needs matplotlib: pip install 'spotune[plot]'"
@@ -21,6 +21,11 @@ def require_matplotlib() -> None:
         raise UserError(INSTALL_HINT) from None
 
 
+def tick_labels(entries: list[Entry]) -> list[str]:
+    """Each job with how it ended: a cheap job that stopped over budget is not a cheap success."""
+    return [f"{e.job.id}\n{e.job.status.replace('_', ' ')}" for e in entries]
+
+
 def write_plot(entries: list[Entry], path: Path) -> None:
     require_matplotlib()
     if not entries:
@@ -30,7 +35,7 @@ def write_plot(entries: list[Entry], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [e.job.id for e in entries]
+    labels = tick_labels(entries)
     xs = range(len(entries))
     width = 0.38
     fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(max(6.0, 1.1 * len(entries) + 3), 7),
@@ -40,8 +45,9 @@ def write_plot(entries: list[Entry], path: Path) -> None:
     top.bar([x - width / 2 for x in xs], estimate, width, label="estimate", color="#9db4d0")
     top.bar([x + width / 2 for x in xs], actual, width, label="actual", color="#2f5d8a")
     for x, est_value, value in zip(xs, estimate, actual):
-        top.annotate(usd(est_value), (x - width / 2, est_value), ha="center", va="bottom", fontsize=8)
-        top.annotate(usd(value), (x + width / 2, value), ha="center", va="bottom", fontsize=8)
+        top.annotate(usd_fine(est_value), (x - width / 2, est_value), ha="center", va="bottom", fontsize=8)
+        top.annotate(usd_fine(value), (x + width / 2, value), ha="center", va="bottom", fontsize=8)
+    top.margins(y=0.15)  # room above the tallest bar for its label
     top.set_ylabel("USD")
     top.set_title("Fine-tuning spend: estimate vs actual per job")
     top.legend(loc="upper left")
@@ -53,7 +59,10 @@ def write_plot(entries: list[Entry], path: Path) -> None:
         bottom.bar(list(xs), values, 0.6, bottom=bases, label=part, color=colors[part])
         up = [u + max(v, 0) for u, v in zip(up, values)]
         down = [d + min(v, 0) for d, v in zip(down, values)]
-    bottom.scatter(list(xs), [float(e.rec.variance) for e in entries], marker="D", color="black", zorder=3,
+    # Not clipped at the axes' edge (a job whose whole variance is one part puts the marker on the limit),
+    # and a margin so it stays inside the frame.
+    bottom.margins(x=0.1, y=0.2)
+    bottom.scatter(list(xs), [float(e.rec.variance) for e in entries], marker="D", color="black", zorder=3, clip_on=False,
                    label="net variance")
     bottom.axhline(0, color="black", linewidth=0.8)
     bottom.set_ylabel("variance, USD")

@@ -24,7 +24,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
-from orchestrator.jobs import JobError, backend_errors, make_backend
+from contract.backend import TERMINAL_STATES as BACKEND_TERMINAL
+from contract.events import OVER_BUDGET
+from orchestrator.jobs import JobError, backend_errors, make_backend, read_intent
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -32,7 +34,6 @@ if TYPE_CHECKING:
     from contract.backend import Backend, Observation
     from orchestrator.ledger import JobRecord, LatestProgress, Ledger
 
-BACKEND_TERMINAL = ("succeeded", "failed", "cancelled")
 # Throughput for the budget projection: the median of the latest few step samples, so one slow
 # step (a checkpoint, a warm-up) does not stop a job that is within budget.
 THROUGHPUT_WINDOW = 5
@@ -102,26 +103,38 @@ class Watcher:
         self.poll_seconds = poll_seconds or backend.poll_seconds
 
     def sync(self) -> "Observation":
-        """One poll, written to the ledger. Safe to repeat and to run from several processes."""
+        """One poll, written to the ledger. Safe to repeat and to run from several processes.
+
+        Whoever stopped a job for its budget, the ledger says `over_budget`: this watcher (status set
+        before its cancel), the local supervisor (its own state) or the node (the recipe's
+        `over_budget` event, with whatever exit the backend reports)."""
         with backend_errors(self.job_id):
             observation = self.backend.poll(self.external_id)
-        stopping_for_budget = self.ledger.get_job(self.job_id).status == "over_budget"
-        for attempt in observation.attempts:
-            if stopping_for_budget and attempt.end_reason == "cancelled":
-                attempt = dataclasses.replace(attempt, end_reason="over_budget")
-            self.ledger.upsert_attempt(self.job_id, attempt)
         if observation.events_path is not None and Path(observation.events_path).exists():
             self.ledger.ingest_events(self.job_id, observation.events_path)
-        self._mirror_status(observation, stopping_for_budget)
+        stopping_for_budget = self.ledger.get_job(self.job_id).status == "over_budget"
+        node_stops = {e.attempt: e.payload for e in self.ledger.run_events_named(self.job_id, OVER_BUDGET)}
+        for attempt in observation.attempts:
+            stopped_here = attempt.n in node_stops and attempt.end_reason in ("failed", "cancelled")
+            if stopped_here or (stopping_for_budget and attempt.end_reason == "cancelled"):
+                attempt = dataclasses.replace(attempt, end_reason="over_budget")
+            self.ledger.upsert_attempt(self.job_id, attempt)
+        # Only the last attempt's stop ends the job: a job continued with a higher budget goes on.
+        node_stop = node_stops.get(observation.attempts[-1].n) if observation.attempts else None
+        self._mirror_status(observation, stopping_for_budget, node_stop)
         return observation
 
-    def _mirror_status(self, observation: "Observation", stopping_for_budget: bool) -> None:
+    def _mirror_status(self, observation: "Observation", stopping_for_budget: bool, node_stop: Optional[dict]) -> None:
         job = self.ledger.get_job(self.job_id)
+        if node_stop is not None and observation.state in BACKEND_TERMINAL and observation.state != "succeeded":
+            if job.status != "over_budget":
+                self.ledger.set_status(self.job_id, "over_budget", str(node_stop.get("message") or "over budget"))
+            return
         if stopping_for_budget and observation.state != "succeeded":
             if observation.state == "failed" and job.status != "failed":
                 self.ledger.set_status(self.job_id, "failed", observation.detail)
             return  # stays over_budget while the checkpoint is written, and after
-        reason = observation.detail if observation.state in ("failed", "cancelled") else None
+        reason = observation.detail if observation.state in ("failed", "cancelled", "over_budget") else None
         if job.status != observation.state:
             self.ledger.set_status(self.job_id, observation.state, reason)
 
@@ -149,11 +162,14 @@ class Watcher:
         worst = max(spent, projected or Decimal(0))
         if worst <= budget:
             return
+        from orchestrator.format import usd_exact, usd_fine
+
+        # The budget as it was given ($0.0001 stays $0.0001), amounts to the cent or finer where small.
         if projected is not None and projected > spent:
-            reason = (f"over budget: spent ${spent:.2f} + projected remaining ${projected - spent:.2f} "
-                      f"would pass the budget of ${budget:.2f}; stopped with a checkpoint")
+            reason = (f"over budget: spent {usd_fine(spent)} + projected remaining {usd_fine(projected - spent)} "
+                      f"would pass the budget of {usd_exact(budget)}; stopped with a checkpoint")
         else:
-            reason = f"over budget: spent ${spent:.2f} passes the budget of ${budget:.2f}; stopped with a checkpoint"
+            reason = f"over budget: spent {usd_fine(spent)} passes the budget of {usd_exact(budget)}; stopped with a checkpoint"
         # Status first: a watcher that dies right after the cancel still knows why it stopped.
         self.ledger.set_status(self.job_id, "over_budget", reason)
         with backend_errors(self.job_id):
@@ -174,24 +190,123 @@ class Watcher:
             time.sleep(self.poll_seconds)
 
 
+def _backend_for(job: "JobRecord", backend: Optional["Backend"], state_dir: Optional[Path]) -> "Backend":
+    if backend is not None:
+        return backend
+    from orchestrator.settings import state_dir as default_state_dir
+
+    return make_backend(job.backend, state_dir or default_state_dir())
+
+
+def recover_launch(ledger: "Ledger", job: "JobRecord", backend: "Backend", *, submit: bool = False) -> Optional[str]:
+    """The external id of a job whose launch was cut short before it was recorded, now recorded.
+
+    Write-ahead makes this possible: the job's run dir is in the ledger before anything starts, and
+    the launch intent is in the run dir before the backend starts anything. The backend is asked
+    whether it started the job (`find`); with `submit`, a job it never started is submitted now from
+    its intent (only where `find` can say so for sure: a second cloud submit would be paid twice).
+    None: nothing was started (or the backend cannot tell)."""
+    if job.external_id is not None:
+        return job.external_id
+    if job.run_dir is None or job.status in BACKEND_TERMINAL:
+        return None
+    find = getattr(backend, "find", None)
+    if find is None:
+        return None
+    with backend_errors(job.id):
+        external_id = find(job.id, Path(job.run_dir))
+        if external_id is None and submit and (request := read_intent(Path(job.run_dir))) is not None:
+            external_id = backend.submit(request)
+    if external_id is not None:
+        ledger.set_external_id(job.id, external_id)
+    return external_id
+
+
+def _never_started(job: "JobRecord", backend: "Backend") -> str:
+    if job.run_dir is not None and getattr(backend, "find", None) is None:
+        return (f"job {job.id}: its launch was cut short and {job.backend} cannot look a job up by its id; "
+                f"check the backend for a job named {job.id}, then `spotune cancel {job.id}`")
+    return f"job {job.id} was never submitted to {job.backend} (status {job.status}); nothing to attach to"
+
+
 def attach(ledger: "Ledger", job_ref: str, backend: Optional["Backend"] = None,
            poll_seconds: Optional[float] = None, state_dir: Optional[Path] = None) -> Watcher:
-    """A watcher for a recorded job, rebuilt from the ledger alone (backend name + external id)."""
+    """A watcher for a recorded job, rebuilt from the ledger alone (backend name + external id, or
+    the run dir of a launch that was cut short)."""
     job = ledger.get_job(job_ref)
-    if job.external_id is None:
-        raise JobError(f"job {job.id} was never submitted to {job.backend} (status {job.status}); nothing to attach to")
-    if backend is None:
-        from orchestrator.settings import state_dir as default_state_dir
+    backend = _backend_for(job, backend, state_dir)
+    external_id = recover_launch(ledger, job, backend)
+    if external_id is None:
+        raise JobError(_never_started(job, backend))
+    return Watcher(ledger, job.id, backend, external_id, poll_seconds)
 
-        backend = make_backend(job.backend, state_dir or default_state_dir())
-    return Watcher(ledger, job.id, backend, job.external_id, poll_seconds)
+
+def reattach(ledger: "Ledger", job_ref: str, backend: Optional["Backend"] = None, poll_seconds: Optional[float] = None,
+             state_dir: Optional[Path] = None, say: Callable[[str], None] = lambda line: None) -> Watcher:
+    """`spotune resume`: a watcher for the job, after settling whatever a killed process left.
+
+    A launch cut short before the backend started anything is submitted now from its intent; one cut
+    short before the intent was written is recorded as failed (nothing ran, nothing was spent). A job whose
+    recovery owner died (the local supervisor) gets a new one, which goes on from the last checkpoint."""
+    job = ledger.get_job(job_ref)
+    backend = _backend_for(job, backend, state_dir)
+    had_id = job.external_id is not None
+    external_id = recover_launch(ledger, job, backend, submit=True)
+    if external_id is None:
+        if job.run_dir is not None and job.status == "pending" and getattr(backend, "find", None) is not None:
+            ledger.set_status(job.id, "failed", "launch interrupted before anything was started; nothing ran")
+            raise JobError(f"job {job.id}: its launch was interrupted before anything was started; recorded as "
+                           f"failed (nothing ran, nothing was spent): launch it again")
+        raise JobError(_never_started(job, backend))
+    if not had_id:
+        say(f"recovered the launch of {job.id} that was cut short: {external_id}")
+    restart = getattr(backend, "restart", None)
+    if restart is not None and job.status != "succeeded":
+        with backend_errors(job.id):
+            if restart(external_id):
+                say(f"the job's supervisor had died: started a new one, resuming from the last checkpoint")
+    return Watcher(ledger, job.id, backend, external_id, poll_seconds)
+
+
+def sync_unsettled(ledger: "Ledger", state_dir: Optional[Path] = None, jobs: Optional[list] = None) -> int:
+    """Bring every job (of `jobs`, default all) the ledger does not know to have ended up to date with
+    its backend, which is what `spotune status` does first: a job left running by a CLI that died, or
+    by a ledger that could not be written, is settled from its run's own records, and a launch cut
+    short is found by its run dir. A backend that cannot answer leaves what the ledger last knew.
+    Returns how many jobs were synced."""
+    from contract.errors import UserError
+    from orchestrator.ledger import LedgerError
+    from orchestrator.ledger_tables import TERMINAL_STATUSES
+
+    synced = 0
+    for job in ledger.list_jobs() if jobs is None else jobs:
+        if job.status in TERMINAL_STATUSES or (job.external_id is None and job.run_dir is None):
+            continue
+        try:
+            attach(ledger, job.id, state_dir=state_dir).sync()
+            synced += 1
+        except LedgerError:
+            raise  # a ledger that cannot be written is the user's to know, not one job's
+        except UserError:
+            pass
+    return synced
 
 
 def cancel_job(ledger: "Ledger", job_ref: str, backend: Optional["Backend"] = None, graceful: bool = True,
                wait_seconds: float = 300.0, on_tick: Optional[Callable[[Tick], None]] = None,
                state_dir: Optional[Path] = None) -> Tick:
-    """Ask the backend to checkpoint and stop, then watch until it has."""
-    watcher = attach(ledger, job_ref, backend, state_dir=state_dir)
+    """Ask the backend to checkpoint and stop, then watch until it has. A job whose launch was cut
+    short before anything started is settled as cancelled at once."""
+    job = ledger.get_job(job_ref)
+    backend = _backend_for(job, backend, state_dir)
+    external_id = recover_launch(ledger, job, backend)
+    if external_id is None:
+        if job.run_dir is None or getattr(backend, "find", None) is None:
+            raise JobError(_never_started(job, backend))
+        ledger.set_status(job.id, "cancelled", "cancelled before anything was started")
+        return Tick(job=ledger.get_job(job.id), attempts=ledger.attempts(job.id), progress=Progress(),
+                    spent=Decimal(0), projected=None, backend_state="cancelled")
+    watcher = Watcher(ledger, job.id, backend, external_id)
     with backend_errors(watcher.job_id):
         watcher.backend.cancel(watcher.external_id, graceful=graceful)
     return watcher.watch(on_tick=on_tick, timeout=wait_seconds)

@@ -13,7 +13,12 @@ A save writes into a temporary directory, fsyncs every file and the directory, t
 into place. A reader trusts a checkpoint only if its manifest parses and every file it lists has
 the recorded size and sha256: a rename that a bucket filesystem did not make atomic, a torn
 upload or a flipped byte all show up as a failed verification, and the previous checkpoint is
-used instead.
+used instead. A manifest must also list every file the recipe needs to resume (`REQUIRED_FILES`):
+a manifest that verifies but lacks the optimizer state is as useless as a torn upload.
+
+Where the checkpoints live is a `CheckpointStore`: `open_checkpoints` gives `LocalCheckpoints` for a
+directory (or a bucket mount) and `recipes.object_store.ObjectCheckpoints` for a URL (s3://, gs://,
+...), which writes the same layout through fsspec with the manifest uploaded last.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Protocol, Union
 
 import numpy as np
 import torch
@@ -37,11 +42,13 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-step-"
 _REJECTED_PREFIX = "rejected-"
 _HASH_CHUNK = 8 << 20
+# What a resume loads: a checkpoint whose manifest lacks any of these is not resumable.
+REQUIRED_FILES = ("model.pt", "optimizer.pt", "trainer_state.pt")
 
 
 @dataclass(frozen=True)
 class SavedCheckpoint:
-    path: Path
+    path: Union[Path, str]  # a directory here, or the URL of one in an object store
     step: int
     bytes: int
     seconds: float
@@ -49,16 +56,20 @@ class SavedCheckpoint:
 
 @dataclass(frozen=True)
 class SkippedCheckpoint:
-    path: Path
+    path: Union[Path, str]
     step: int
     reason: str
 
 
 class _HashingWriter:
-    """A binary file that hashes and counts what is written through it (no second read pass)."""
+    """A binary file that hashes and counts what is written through it (no second read pass).
 
-    def __init__(self, path: Path):
-        self._file = open(path, "wb")
+    Opens `path` on local disk (fsynced on close), or wraps an already open writable file, such as
+    an object store upload."""
+
+    def __init__(self, path: Optional[Path] = None, file=None):
+        self._local = file is None
+        self._file = open(path, "wb") if self._local else file
         self._sha = hashlib.sha256()
         self.size = 0
 
@@ -73,7 +84,8 @@ class _HashingWriter:
 
     def close(self) -> str:
         self._file.flush()
-        os.fsync(self._file.fileno())
+        if self._local:
+            os.fsync(self._file.fileno())
         self._file.close()
         return self._sha.hexdigest()
 
@@ -120,19 +132,11 @@ def save_checkpoint(root: Path | str, step: int, files: dict[str, Any], keep: in
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    listing = {}
-    for name, obj in files.items():
-        writer = _HashingWriter(tmp / name)
-        try:
-            torch.save(obj, writer)
-        finally:
-            digest = writer.close()
-        listing[name] = {"bytes": writer.size, "sha256": digest}
-    manifest = {"format": FORMAT_VERSION, "step": step, "created": time.time(), "files": listing}
-    writer = _HashingWriter(tmp / MANIFEST)
-    writer.write(json.dumps(manifest, indent=1).encode())
-    writer.close()
-    _fsync_dir(tmp)
+    try:
+        total = _write_into(tmp, step, files)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its room back at once; no .tmp-step-* stays
+        raise
 
     final = root / step_dir_name(step)
     if final.exists():
@@ -140,8 +144,25 @@ def save_checkpoint(root: Path | str, step: int, files: dict[str, Any], keep: in
     os.rename(tmp, final)
     _fsync_dir(root)
     prune(root, keep)
-    total = sum(f["bytes"] for f in listing.values()) + writer.size
     return SavedCheckpoint(path=final, step=step, bytes=total, seconds=time.monotonic() - started)
+
+
+def _write_into(directory: Path, step: int, files: dict[str, Any]) -> int:
+    """Every file, then the manifest, fsynced; returns the bytes written."""
+    listing = {}
+    for name, obj in files.items():
+        writer = _HashingWriter(directory / name)
+        try:
+            torch.save(obj, writer)
+        finally:
+            digest = writer.close()
+        listing[name] = {"bytes": writer.size, "sha256": digest}
+    manifest = {"format": FORMAT_VERSION, "step": step, "created": time.time(), "files": listing}
+    writer = _HashingWriter(directory / MANIFEST)
+    writer.write(json.dumps(manifest, indent=1).encode())
+    writer.close()
+    _fsync_dir(directory)
+    return sum(f["bytes"] for f in listing.values()) + writer.size
 
 
 def _remove_aside(path: Path) -> None:
@@ -178,8 +199,24 @@ def _sha256_of(path: Path) -> str:
     return sha.hexdigest()
 
 
-def verify_checkpoint(path: Path | str) -> Optional[str]:
-    """None if the checkpoint at `path` is complete and intact, else why not (one phrase)."""
+def manifest_problem(manifest: Any, dir_name: str, required: tuple[str, ...] = ()) -> Optional[str]:
+    """Why a parsed manifest cannot describe a resumable checkpoint in `dir_name`, or None."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION or not isinstance(manifest.get("files"), dict):
+        return "manifest has an unknown format"
+    match = _STEP_DIR.match(dir_name)
+    if match and int(match.group(1)) != manifest.get("step"):
+        return f"manifest is for step {manifest.get('step')}, directory says {int(match.group(1))}"
+    if any(not isinstance(entry, dict) for entry in manifest["files"].values()):
+        return "manifest has an unknown format"
+    missing = [name for name in required if name not in manifest["files"]]
+    if missing:
+        return f"manifest does not list {', '.join(missing)}"
+    return None
+
+
+def verify_checkpoint(path: Path | str, required: tuple[str, ...] = ()) -> Optional[str]:
+    """None if the checkpoint at `path` is complete and intact and holds every `required` file,
+    else why not (one phrase)."""
     path = Path(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
@@ -187,11 +224,9 @@ def verify_checkpoint(path: Path | str) -> Optional[str]:
         return "no manifest (save did not finish)"
     except (OSError, ValueError) as e:
         return f"unreadable manifest ({type(e).__name__})"
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION or not isinstance(manifest.get("files"), dict):
-        return "manifest has an unknown format"
-    match = _STEP_DIR.match(path.name)
-    if match and int(match.group(1)) != manifest.get("step"):
-        return f"manifest is for step {manifest.get('step')}, directory says {int(match.group(1))}"
+    problem = manifest_problem(manifest, path.name, required)
+    if problem:
+        return problem
     for name, expected in manifest["files"].items():
         file = path / name
         try:
@@ -205,11 +240,12 @@ def verify_checkpoint(path: Path | str) -> Optional[str]:
     return None
 
 
-def find_resumable(root: Path | str) -> tuple[Optional[Path], list[SkippedCheckpoint]]:
-    """The newest checkpoint that verifies, and the newer ones that did not (newest first)."""
+def find_resumable(root: Path | str, required: tuple[str, ...] = ()) -> tuple[Optional[Path], list[SkippedCheckpoint]]:
+    """The newest checkpoint that verifies (holding every `required` file), and the newer ones
+    that did not (newest first)."""
     skipped = []
     for step, path in reversed(list_checkpoints(root)):
-        problem = verify_checkpoint(path)
+        problem = verify_checkpoint(path, required)
         if problem is None:
             return path, skipped
         skipped.append(SkippedCheckpoint(path=path, step=step, reason=problem))
@@ -237,6 +273,66 @@ def load_checkpoint_file(path: Path | str, name: str, map_location: str | torch.
 
 def checkpoint_step(path: Path | str) -> int:
     return int(json.loads((Path(path) / MANIFEST).read_text())["step"])
+
+
+# --- where checkpoints live ------------------------------------------------------------------
+
+class CheckpointStore(Protocol):
+    """The checkpoints of one job, wherever they are kept. Rank 0 alone calls these."""
+
+    location: str
+
+    def save(self, step: int, files: dict[str, Any], keep: int) -> SavedCheckpoint: ...
+
+    def find_resumable(self, required: tuple[str, ...]) -> tuple[Optional[Path], list[SkippedCheckpoint]]:
+        """A local directory holding the newest verified checkpoint, and the newer ones skipped."""
+
+    def reject(self, skipped: SkippedCheckpoint) -> str:
+        """Take a skipped checkpoint out of the lookup; says where it went."""
+
+    def release(self, path: Path) -> None:
+        """The resume has loaded `path`: local copies made for it may go."""
+
+    def publish_events(self, events_path: Path) -> None:
+        """Keep a copy of the event log with the checkpoints, where a new node finds it."""
+
+
+def is_url(location: Union[str, Path, None]) -> bool:
+    return isinstance(location, str) and "://" in location and not location.startswith("file://")
+
+
+class LocalCheckpoints:
+    """Checkpoints in a directory of this machine, or of a bucket mounted on it."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(str(root).removeprefix("file://"))
+        self.location = str(self.root)
+
+    def save(self, step: int, files: dict[str, Any], keep: int) -> SavedCheckpoint:
+        return save_checkpoint(self.root, step, files, keep)
+
+    def find_resumable(self, required: tuple[str, ...]) -> tuple[Optional[Path], list[SkippedCheckpoint]]:
+        remove_partial_saves(self.root)
+        return find_resumable(self.root, required)
+
+    def reject(self, skipped: SkippedCheckpoint) -> str:
+        return str(reject(skipped.path))
+
+    def release(self, path: Path) -> None:
+        pass  # the checkpoint itself, not a copy
+
+    def publish_events(self, events_path: Path) -> None:
+        pass  # a local checkpoint dir shares the node's disk (or mount) with the run dir
+
+
+def open_checkpoints(location: Union[str, Path], cache_dir: Path) -> CheckpointStore:
+    """The store for `--checkpoint-dir`: a URL goes through fsspec (downloads for a resume are
+    verified in `cache_dir`), anything else is a local directory."""
+    if is_url(location):
+        from recipes.object_store import ObjectCheckpoints
+
+        return ObjectCheckpoints(str(location), cache_dir)
+    return LocalCheckpoints(location)
 
 
 # --- RNG state -------------------------------------------------------------------------------

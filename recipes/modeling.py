@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from contract.spec import SpecError
 from recipes.data import IGNORE_INDEX
+from recipes.execution import DeviceFacts
 from recipes.tiny import local_model_path
 
 LOSS_CHUNK_TOKENS = 1024
@@ -28,6 +29,8 @@ FLASH = "flash_attention_2"
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
+    """The fallback's dtype (no `execution:` section); the planner makes the same choice, and
+    prices GPUs without bf16 at their fp32 rate (contract/execution.py)."""
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32  # CPU, and pre-Ampere GPUs (fp16 would need loss scaling)
@@ -36,10 +39,37 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 def attention_implementation(device: torch.device, dtype: torch.dtype) -> str:
     # flash-attn reads document boundaries from position_ids (varlen kernels, no mask at all);
     # otherwise SDPA gets an explicit block-diagonal causal mask.
-    flash_ok = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
-    if flash_ok and importlib.util.find_spec("flash_attn") is not None:
+    if dtype in (torch.bfloat16, torch.float16) and flash_attention_available(device):
         return FLASH
     return "sdpa"
+
+
+def flash_attention_available(device: torch.device) -> bool:
+    return device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """contract.execution's dtype name -> torch's."""
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def device_facts(device: torch.device, world_size: int) -> DeviceFacts:
+    """What this node has, for checking the plan's execution config (recipes/execution.py).
+    Measured before the model loads: free memory then is what the plan's figures must fit."""
+    if device.type != "cuda":
+        return DeviceFacts("cpu", None, world_size, bf16=False, flash_attention=False)
+    free, _total = torch.cuda.mem_get_info(device)
+    if world_size > 1 and torch.distributed.is_initialized():
+        # Every rank must run the same config: the GPU with the least free memory decides.
+        least = torch.tensor([float(free)], device=device)
+        torch.distributed.all_reduce(least, op=torch.distributed.ReduceOp.MIN)
+        free = least.item()
+    return DeviceFacts("cuda", torch.cuda.get_device_name(device), world_size, bf16=torch.cuda.is_bf16_supported(),
+                       flash_attention=flash_attention_available(device), free_gib=free / 2**30)
 
 
 def _probe_bitsandbytes(device: torch.device, dtype: torch.dtype) -> None:
@@ -86,6 +116,12 @@ def load_model(cfg, device: torch.device, dtype: torch.dtype, attention: str):
     except (OSError, ValueError, KeyError, ImportError) as e:
         raise _cannot_load(cfg, e) from None
     model.config.use_cache = False
+    # Past its context a model has no trained positions, and the attention mask alone would ask
+    # for seq_len² bytes: refuse here, as the planner does, instead of crashing on the first step.
+    context = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(context, int) and cfg.seq_len > context:
+        raise SpecError(f"field 'seq_len': {cfg.seq_len} is longer than model '{cfg.model}' takes "
+                        f"(max_position_embeddings {context})")
     return model
 
 
@@ -195,7 +231,9 @@ def _activation_bytes_per_token(config, dtype: torch.dtype, checkpointed: bool) 
 
 
 def plan_batch(cfg, model, device: torch.device, dtype: torch.dtype, per_rank_blocks: int, world_size: int) -> tuple[int, bool]:
-    """(micro-batch in blocks, gradient checkpointing), honouring what the spec fixes.
+    """(micro-batch in blocks, gradient checkpointing), honouring what the spec fixes: the fallback
+    for a spec without an `execution:` section (a recipe run by hand). With one, the plan decided
+    and this never runs (recipes/execution.py checks the plan against the device instead).
 
     On a GPU, 'auto' means: the largest micro-batch that fits without checkpointing if it
     still gives at least 4096 tokens per forward (checkpointing costs ~25-30% throughput per the

@@ -17,20 +17,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
+# The tokenizer is defined once, torch-free, in the contract: the planner counts tokens with it.
+from contract.tokenizer import TINY_CHAT_TEMPLATE as CHAT_TEMPLATE  # noqa: F401
+from contract.tokenizer import TINY_ROLE_TOKENS as ROLE_TOKENS
+from contract.tokenizer import TINY_SPECIAL_TOKENS as SPECIAL_TOKENS
+from contract.tokenizer import TINY_VOCAB_SIZE as VOCAB_SIZE
+from contract.tokenizer import tiny_backend
+
 TINY_MODEL_NAME = "tiny-llama"
 
 # Bump when the architecture, seed or tokenizer changes: an older cached build is then rebuilt.
 TINY_BUILD_VERSION = 2
 _MARKER = "spotune-tiny.json"
-
-SPECIAL_TOKENS = {
-    "bos_token": "<|bos|>",
-    "eos_token": "<|eos|>",
-    "pad_token": "<|pad|>",
-}
-ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
-BYTE_VOCAB = 256
-VOCAB_SIZE = BYTE_VOCAB + len(SPECIAL_TOKENS) + len(ROLE_TOKENS)  # 262
 
 # Numbers the planner's built-in model table mirrors (orchestrator/architectures.py).
 ARCHITECTURE = {
@@ -48,20 +46,6 @@ SEED = 1234
 # the frozen lm_head's logits near +-2.6, which LoRA (norms and lm_head frozen) cannot lift.
 INIT_STD = 0.088
 
-# The assistant turn ends with eos so a fine-tuned model learns to stop; every rendering of a
-# conversation prefix is a string prefix of the whole, which completion-only masking relies on.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}"
-    "{{ '<|assistant|>\n' + message['content'] + eos_token }}"
-    "{% else %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
-
 
 def default_cache_dir() -> Path:
     env = os.environ.get("SPOTUNE_CACHE")
@@ -72,32 +56,12 @@ def tiny_model_dir(cache_dir: Path | str | None = None) -> Path:
     return Path(cache_dir).expanduser() / TINY_MODEL_NAME if cache_dir else default_cache_dir() / TINY_MODEL_NAME
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map, the alphabet of ByteLevel pre-tokenizers."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(printable, chars)}
-
-
 def build_tokenizer():
     """A byte-level `PreTrainedTokenizerFast`: ids 0-255 are bytes, then the special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    byte_chars = _bytes_to_unicode()
-    vocab = {byte_chars[b]: b for b in range(BYTE_VOCAB)}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(list(SPECIAL_TOKENS.values()) + ROLE_TOKENS)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+        tokenizer_object=tiny_backend(),
         **SPECIAL_TOKENS,
         additional_special_tokens=ROLE_TOKENS,
         model_max_length=ARCHITECTURE["max_position_embeddings"],

@@ -22,13 +22,18 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
 
-from contract.events import EXIT_FINISHED, EXIT_PREEMPTED
+from contract.dataset import block_order
+from contract.events import DEVIATION, EXIT_FINISHED, EXIT_OVER_BUDGET, EXIT_PREEMPTED, OVER_BUDGET
 from contract.spec import SpecError
 from recipes import checkpoint as ckpt
 from recipes.data import IGNORE_INDEX, build_datasets
 from recipes.modeling import (
-    CausalLMLoss, apply_method, attention_implementation, compute_dtype, gradient_sync, load_model, load_tokenizer,
-    plan_batch, wrap_distributed)
+    CausalLMLoss, apply_method, attention_implementation, compute_dtype, device_facts, dtype_name, gradient_sync,
+    load_model, load_tokenizer, plan_batch, torch_dtype, wrap_distributed)
+from recipes.execution import follow_plan, recipe_decision
+from recipes.guards import Diverged, NodeBudget, all_finite
+from recipes.resumable import CheckpointUnusable, load_for_resume
+from recipes.stopping import StepInterrupted, StopVote, drop_partial_step
 
 BLOCK_FIELDS = ("input_ids", "labels", "position_ids", "document_ids")
 
@@ -42,8 +47,8 @@ class DataOrder:
 
     def permutation(self, epoch: int) -> torch.Tensor:
         if self._cached[0] != epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._cached = (epoch, torch.randperm(self.n_blocks, generator=generator))
+            # The contract's order, not torch's RNG: the planner counts a partial last epoch with it.
+            self._cached = (epoch, torch.tensor(block_order(self.n_blocks, self.seed, epoch), dtype=torch.long))
         return self._cached[1]
 
     def take(self, epoch: int, index: int, count: int) -> tuple[list[int], int, int]:
@@ -74,14 +79,28 @@ def _seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg, args, events, preemption):
+    def __init__(self, cfg, args, events, preemption, checkpoints=None):
         self.cfg, self.events, self.preemption = cfg, events, preemption
         self.run_dir = Path(args.run_dir)
-        self.checkpoint_root = Path(args.checkpoint_dir) if args.checkpoint_dir else self.run_dir / "checkpoints"
+        # A directory (or bucket mount), or an object-store URL the recipe uploads to itself.
+        self.checkpoints = checkpoints or ckpt.open_checkpoints(
+            args.checkpoint_dir or self.run_dir / "checkpoints", cache_dir=self.run_dir / ".checkpoint-cache")
+        self._saved_step = None  # the step of the newest checkpoint this process wrote or resumed from
+        # The node's budget guard: only with a budget and the plan's price in the environment.
+        self.budget = NodeBudget.for_run(cfg, self.checkpoints.location, args.attempt or 1)
         self.merge = args.merge
+        self.started = getattr(args, "started", time.monotonic())  # when the recipe process began
         self._setup_distributed()
-        self.dtype = compute_dtype(self.device)
-        self.attention = attention_implementation(self.device, self.dtype)
+        # One decision per run: the plan's execution config, checked against this device (any
+        # change is a logged deviation), or for a spec without one the recipe's fallback below.
+        self.facts = device_facts(self.device, self.world_size)
+        self.execution, self.deviations = None, []
+        if cfg.execution is not None:
+            self.execution, self.deviations = follow_plan(cfg.execution, cfg.method, cfg.batch.global_, self.facts)
+            self.dtype, self.attention = torch_dtype(self.execution.dtype), self.execution.attention
+        else:
+            self.dtype = compute_dtype(self.device)
+            self.attention = attention_implementation(self.device, self.dtype)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
         if cfg.batch.global_ % self.world_size:
@@ -90,14 +109,21 @@ class Trainer:
         self.per_rank_blocks = cfg.batch.global_ // self.world_size
 
         # Data before the model: a bad line fails in seconds, not after loading 16 GB of weights.
+        self._phase(f"loading the tokenizer of {cfg.model}")
         self.tokenizer = load_tokenizer(cfg)
+        self._phase("reading and tokenizing the data")
         train_blocks, _, self.data_stats = build_datasets(cfg, self.tokenizer)
+        self._phase(f"data: {self.data_stats.train_examples:,} examples in {len(train_blocks):,} packed blocks")
         _seed_everything(cfg.train.seed)  # LoRA init draws from it: identical on every rank
+        self._phase(f"loading the model {cfg.model} ({cfg.method}, {self.device.type}, {dtype_name(self.dtype)})")
         model = load_model(cfg, self.device, self.dtype, self.attention)
         self.blocks = {k: torch.tensor([b[k] for b in train_blocks], dtype=torch.int32) for k in BLOCK_FIELDS}
         self.block_tokens = (self.blocks["document_ids"] >= 0).sum(dim=1)
-        self.micro, self.gradient_checkpointing = plan_batch(
-            cfg, model, self.device, self.dtype, self.per_rank_blocks, self.world_size)
+        if self.execution is None:
+            micro, checkpointing = plan_batch(cfg, model, self.device, self.dtype, self.per_rank_blocks, self.world_size)
+            self.execution = recipe_decision(self.facts, cfg.method, cfg.batch.global_, micro, checkpointing,
+                                             self.attention, dtype_name(self.dtype))
+        self.micro, self.gradient_checkpointing = self.execution.micro_batch, self.execution.gradient_checkpointing
         self.lm, self.peft_model = apply_method(cfg, model, self.gradient_checkpointing)
         self.model = wrap_distributed(CausalLMLoss(self.lm, self.attention), cfg.method, self.device, self.world_size)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -116,6 +142,13 @@ class Trainer:
         _seed_everything(cfg.train.seed + self.rank)
 
     # --- setup -------------------------------------------------------------------------------
+    def _phase(self, what: str) -> None:
+        """A loading phase in the attempt's log, as it starts: start-up can take a minute before
+        the first step, and a log that says nothing meanwhile looks hung (`spotune logs -f`). On
+        stdout, which the log holds too: stderr stays the one `error:` line of a bad input."""
+        if self.rank == 0:
+            print(f"[{time.monotonic() - self.started:5.1f} s] {what}", flush=True)
+
     def _setup_distributed(self) -> None:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
@@ -127,6 +160,7 @@ class Trainer:
             self.device = torch.device("cpu")
         if self.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self._stop_vote = StopVote(self.preemption, self.world_size)
 
     def _fingerprint(self) -> dict:
         # What must not change between attempts for the saved data position to mean the same.
@@ -139,6 +173,7 @@ class Trainer:
         return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True, **extra)
 
     def _save(self) -> None:
+        self._check_finite_weights()  # a checkpoint of NaN weights would be resumed from
         model_state = get_model_state_dict(self.model, options=self._state_options())
         optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=self._state_options())
         rng = [ckpt.capture_rng_state()]
@@ -149,35 +184,52 @@ class Trainer:
             trainer_state = {"step": self.step, "epoch": self.epoch, "index": self.index, "tokens": self.tokens,
                              "last_loss": self.last_loss, "scheduler": self.scheduler.state_dict(), "rng": rng,
                              "fingerprint": self._fingerprint()}
-            saved = ckpt.save_checkpoint(self.checkpoint_root, self.step, {
+            saved = self.checkpoints.save(self.step, {
                 "model.pt": model_state, "optimizer.pt": optimizer_state, "trainer_state.pt": trainer_state,
             }, keep=self.cfg.checkpoint.keep)
             self.events.emit("checkpoint", step=self.step, path=str(saved.path), seconds=round(saved.seconds, 3),
                              bytes=saved.bytes)
+            if self.budget is not None:
+                self.budget.saw_save(saved.seconds)
+                self.budget.record()
+            self.checkpoints.publish_events(self.events.path)
+        self._saved_step = self.step
         if self.world_size > 1:
             dist.barrier()
 
     def _find_resumable(self):
-        """Rank 0 looks; a newer checkpoint that fails verification is reported and set aside."""
-        ckpt.remove_partial_saves(self.checkpoint_root)
-        path, skipped = ckpt.find_resumable(self.checkpoint_root)
-        for bad in skipped:
-            moved = ckpt.reject(bad.path)
-            self.events.emit("checkpoint_skipped", step=bad.step, path=str(bad.path), reason=bad.reason,
-                             moved_to=str(moved))
-            print(f"checkpoint at step {bad.step} failed verification ({bad.reason}); using an older one",
-                  file=sys.stderr)
-        return path
+        """Rank 0: the newest checkpoint that verifies against what a resume needs and loads, as
+        (path, trainer state, model state, optimizer state). Every newer one that does not is
+        reported (`checkpoint_skipped`, which the ledger counts as lost work) and set aside."""
+        skipped = []
+        while True:
+            path, unverified = self.checkpoints.find_resumable(ckpt.REQUIRED_FILES)
+            skipped += [(bad, self.checkpoints.reject(bad)) for bad in unverified]
+            loaded = None
+            if path is not None:
+                try:
+                    loaded = load_for_resume(path, self._fingerprint())
+                except CheckpointUnusable as e:
+                    bad = ckpt.SkippedCheckpoint(path=path, step=ckpt.checkpoint_step(path), reason=str(e))
+                    self.checkpoints.release(path)
+                    again = any(earlier.step == bad.step for earlier, _ in skipped)
+                    skipped.append((bad, self.checkpoints.reject(bad)))
+                    if not again:  # set aside, so the next look finds an older one (never the same twice)
+                        continue
+                    path = None
+            for bad, moved in skipped:
+                self.events.emit("checkpoint_skipped", step=bad.step, path=str(bad.path), reason=bad.reason,
+                                 moved_to=moved)
+                print(f"checkpoint at step {bad.step} is not usable ({bad.reason})", file=sys.stderr)
+            if skipped:
+                print(f"resuming from the checkpoint at step {loaded[0]['step']}" if loaded is not None else
+                      f"no usable checkpoint is left (all {len(skipped)} skipped): training starts from step 0",
+                      file=sys.stderr)
+            return path, loaded
 
     def _resume(self) -> None:
-        path = self._find_resumable() if self.rank == 0 else None
-        state = None
-        if path is not None:
-            state = ckpt.load_checkpoint_file(path, "trainer_state.pt")
-            if state["fingerprint"] != self._fingerprint():
-                changed = sorted(k for k, v in self._fingerprint().items() if state["fingerprint"].get(k) != v)
-                raise SpecError(f"checkpoint {path} was made for a different job ({', '.join(changed)} changed); "
-                                  "use a new --run-dir or --checkpoint-dir")
+        path, loaded = self._find_resumable() if self.rank == 0 else (None, None)
+        state = loaded[0] if loaded is not None else None
         if self.world_size > 1:
             box = [state]
             dist.broadcast_object_list(box, src=0)
@@ -185,19 +237,28 @@ class Trainer:
         if state is None:
             return
         options = self._state_options(broadcast_from_rank0=self.world_size > 1)
-        model_state = ckpt.load_checkpoint_file(path, "model.pt") if self.rank == 0 else {}
-        optimizer_state = ckpt.load_checkpoint_file(path, "optimizer.pt") if self.rank == 0 else {}
-        set_model_state_dict(self.model, model_state, options=options)
+        model_state, optimizer_state = loaded[1:] if self.rank == 0 else ({}, {})
+        if self.rank == 0:
+            self.checkpoints.release(path)
+        # An adapter checkpoint holds the trainable weights only. Under torchrun a strict load would
+        # have rank 0 demand the frozen base weights too (torch's "Missing key: ...embed_tokens"),
+        # which every rank has already loaded itself.
+        adapters_only = self.cfg.method != "full" and self.world_size > 1
+        set_model_state_dict(self.model, model_state, options=self._state_options(
+            broadcast_from_rank0=self.world_size > 1, strict=not adapters_only))
         set_optimizer_state_dict(self.model, self.optimizer, optimizer_state, options=options)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.index, self.tokens = state["step"], state["epoch"], state["index"], state["tokens"]
         self.last_loss = state["last_loss"]
+        self._saved_step = self.step
         if self.rank < len(state["rng"]):  # a resume on fewer/more GPUs keeps what overlaps
             ckpt.restore_rng_state(state["rng"][self.rank])
 
     # --- the loop ----------------------------------------------------------------------------
     def train_step(self) -> tuple[float, float, int]:
-        indices, self.epoch, self.index = self.order.take(self.epoch, self.index, self.cfg.batch.global_)
+        """One optimizer step. A stop request seen before any micro-batch drops the partial step and
+        raises StepInterrupted, leaving the trainer exactly at the last completed step."""
+        indices, epoch, index = self.order.take(self.epoch, self.index, self.cfg.batch.global_)
         # Every rank knows the whole step's blocks, so the loss normalizer needs no communication:
         # the mean over all target tokens of the global batch, however it is split.
         targets = int((self.blocks["labels"][indices][:, 1:] != IGNORE_INDEX).sum().clamp(min=1))
@@ -206,7 +267,11 @@ class Trainer:
         chunks = [mine[i:i + self.micro] for i in range(0, len(mine), self.micro)]
         lr = self.scheduler.get_last_lr()[0]
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        rng_at_step_start = ckpt.capture_rng_state()
         for i, chunk in enumerate(chunks):
+            if self._stop_vote():  # a stop waits for one micro-batch, never for the rest of the step
+                drop_partial_step(self.optimizer, rng_at_step_start)
+                raise StepInterrupted(i)
             batch = {k: self.blocks[k][chunk].to(self.device, dtype=torch.long) for k in BLOCK_FIELDS}
             with gradient_sync(self.model, enabled=i == len(chunks) - 1):
                 micro_loss = self.model(**batch)
@@ -220,6 +285,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        # The data position moves with a completed step only: an interrupted one is taken again.
+        self.epoch, self.index = epoch, index
         return float(loss_sum) / targets, lr, step_tokens
 
     def _agree(self, *flags: bool) -> list[bool]:
@@ -229,6 +296,15 @@ class Trainer:
         votes = torch.tensor([int(f) for f in flags], device=self.device)
         dist.all_reduce(votes, op=dist.ReduceOp.MAX)
         return [bool(v) for v in votes.tolist()]
+
+    def _stop_now(self, dropped_micro_batches: int) -> int:
+        """SIGTERM inside a step: save the last completed step at once (unless that checkpoint
+        exists already, or there is no step to save) and exit 75. Every rank gets here together."""
+        if self.step > 0 and self._saved_step != self.step:
+            self._save()
+        self.events.emit("preempted", step=self.step, signal=self.preemption.signal_name or "peer",
+                         dropped_micro_batches=dropped_micro_batches)
+        return EXIT_PREEMPTED
 
     def _planned_tokens(self) -> int:
         full_epochs, remainder = divmod(self.total_steps * self.cfg.batch.global_, self.order.n_blocks)
@@ -241,26 +317,44 @@ class Trainer:
         self._resume()
         resumed_from = self.step if self.step > 0 else None
         cuda = self.device.type == "cuda"
+        for deviation in self.deviations:
+            self.events.emit(DEVIATION, **deviation.payload())
+            if self.rank == 0:
+                print(f"deviation from the plan ({deviation.kind}): {deviation.reason}", file=sys.stderr)
+        ran = self.execution.ran()
         self.events.emit(
             "start", resumed_from_step=resumed_from, device=self.device.type,
             gpu_name=torch.cuda.get_device_name(self.device) if cuda else None,
             gpu_count=self.world_size if cuda else 0, total_steps=self.total_steps, total_tokens=self._planned_tokens(),
-            method=self.cfg.method, micro_batch=self.micro, global_batch=self.cfg.batch.global_,
-            gradient_checkpointing=self.gradient_checkpointing, attention=self.attention,
-            dtype=str(self.dtype).removeprefix("torch."), blocks=self.order.n_blocks, epoch=self.epoch,
+            method=self.cfg.method, global_batch=self.cfg.batch.global_,
+            **{k: ran[k] for k in ("micro_batch", "grad_accum", "gradient_checkpointing", "attention", "dtype", "sharding")},
+            decided_by="plan" if self.cfg.execution is not None else "recipe", blocks=self.order.n_blocks, epoch=self.epoch,
             examples=self.data_stats.train_examples, skipped_lines=sum(self.data_stats.skipped.values()))
+        if self.rank == 0:  # a new node reads the attempt numbering from the copy with the checkpoints
+            self.checkpoints.publish_events(self.events.path)
+        if self.budget is not None:
+            self.budget.saw_start(time.time())
+            if self.rank == 0:
+                self.budget.record()
+            if self._agree(self.budget.over() is not None)[0]:  # spent before it started: nothing to train
+                return self._stop_for_budget()
         if self.preemption.requested:  # signalled during setup: the last checkpoint already holds it all
             self.events.emit("preempted", step=self.step, signal=self.preemption.signal_name)
             return EXIT_PREEMPTED
         from tqdm import tqdm
 
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0, file=sys.stderr,
+        self._phase(f"training: step {self.step + 1} of {self.total_steps} (the first step is the slowest)")
+        bar = self._bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0, file=sys.stderr,
                    mininterval=0.5 if sys.stderr.isatty() else 30, unit="step", dynamic_ncols=True)
         every_steps, every_minutes = self.cfg.checkpoint.every_steps, self.cfg.checkpoint.every_minutes
         started = last_save = window_start = time.monotonic()
         window_tokens = 0
         while self.step < self.total_steps:
-            loss, lr, step_tokens = self.train_step()
+            try:
+                loss, lr, step_tokens = self.train_step()
+            except StepInterrupted as interrupted:
+                bar.close()
+                return self._stop_now(interrupted.dropped_micro_batches)
             self.step += 1
             self.tokens += step_tokens
             self.last_loss = loss
@@ -271,6 +365,9 @@ class Trainer:
                 self.events.emit("step", step=self.step, tokens=self.tokens, loss=loss, lr=lr,
                                  tokens_per_second=round(tokens_per_second, 2))
                 window_start, window_tokens = now, 0
+            if not math.isfinite(loss):
+                bar.close()
+                raise Diverged(self.step, loss, self._saved_step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_second:,.0f}", refresh=False)
             due = bool(every_steps and self.step % every_steps == 0) or bool(
@@ -283,15 +380,43 @@ class Trainer:
                 bar.close()
                 self.events.emit("preempted", step=self.step, signal=self.preemption.signal_name or "peer")
                 return EXIT_PREEMPTED
+            if self.budget is not None:
+                self.budget.saw_step(self.step, time.time())
+                if self._agree(self.budget.over() is not None and self.step < self.total_steps)[0]:
+                    bar.close()
+                    return self._stop_for_budget()
         bar.close()
         output = self._write_output()
+        # A launcher that publishes the output to durable storage (SkyPilot's run script: the
+        # checkpoint store's URL) says where; the event records where the output will be kept.
         self.events.emit("finished", step=self.step, tokens=self.tokens, final_loss=self.last_loss,
-                         train_seconds=round(time.monotonic() - started, 3), output_path=str(output))
+                         train_seconds=round(time.monotonic() - started, 3),
+                         output_path=os.environ.get("SPOTUNE_OUTPUT_URL") or str(output))
         return EXIT_FINISHED
+
+    def _stop_for_budget(self) -> int:
+        """Spent + the next checkpoint interval would pass the budget: save this step (unless it is
+        saved already) and exit 80, which no launcher retries."""
+        why = self.budget.over() or "over budget"
+        if self.step > 0 and self._saved_step != self.step:
+            self._save()
+        message = f"{why}; stopped with a checkpoint at step {self.step}" if self.step else f"{why}; nothing trained"
+        if self.rank == 0:
+            self.budget.record()
+            print(message, file=sys.stderr)
+        self.events.emit(OVER_BUDGET, **self.budget.event(self.step, message))
+        return EXIT_OVER_BUDGET
+
+    def _check_finite_weights(self) -> None:
+        if self._agree(not all_finite(self.params))[0]:
+            if getattr(self, "_bar", None) is not None:
+                self._bar.close()  # the one error line starts a line of its own, not the bar's
+            raise Diverged(self.step, self.last_loss, self._saved_step)
 
     # --- output ------------------------------------------------------------------------------
     def _write_output(self) -> Path:
         """Adapter (LoRA/QLoRA) or full weights + tokenizer, renamed into place when complete."""
+        self._check_finite_weights()
         output = self.run_dir / "output"
         full_state = None
         if self.cfg.method == "full":

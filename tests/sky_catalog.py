@@ -15,6 +15,10 @@ import tempfile
 from pathlib import Path
 
 CATALOG = Path(__file__).parent / "fixtures" / "sky" / "catalog" / "v8"
+# The clouds without bucket mounts (and nebius), from the catalog excerpts of tests/fixtures/sky_catalog:
+# seeded too, so SkyPilot builds their resources, but left out of catalog_offers() (see other_offers()).
+MORE_CLOUDS = Path(__file__).parent / "fixtures" / "sky_catalog"
+MORE_CLOUD_NAMES = ("runpod", "vast", "verda", "nebius")
 
 
 def sky_with_seeded_catalog():
@@ -27,6 +31,9 @@ def sky_with_seeded_catalog():
         runtime = Path(tempfile.mkdtemp(prefix="spotune-sky-"))
         target = runtime / ".sky" / "catalogs" / "v8"
         shutil.copytree(CATALOG, target, ignore=shutil.ignore_patterns("*.md"))
+        for cloud in MORE_CLOUD_NAMES:
+            (target / cloud).mkdir()
+            shutil.copyfile(MORE_CLOUDS / cloud / "vms.csv", target / cloud / "vms.csv")
         write_accelerator_index(target)
         os.environ["SPOTUNE_TEST_SKY_RUNTIME"] = str(runtime)
         previous = os.environ.get("SKY_RUNTIME_DIR")
@@ -76,3 +83,10 @@ def catalog_offers():
     from orchestrator.catalog import read_sky_catalog
 
     return list(read_sky_catalog(CATALOG))
+
+
+def other_offers(*clouds: str):
+    """Offers of the seeded clouds catalog_offers() leaves out (runpod, vast, verda, nebius)."""
+    from orchestrator.catalog.sky import read_vms_csv
+
+    return [o for cloud in clouds for o in read_vms_csv(MORE_CLOUDS / cloud / "vms.csv", cloud)]

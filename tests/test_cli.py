@@ -102,24 +102,25 @@ def test_state_dir_reaches_the_command_through_the_context(tmp_path):
     state = tmp_path / "state"
     result = invoke("--state-dir", str(state), "status")
     assert result.exit_code == 0, result.output
-    assert "no jobs in the ledger yet" in result.stdout
-    assert (state / "ledger.db").exists()
+    # The command says which ledger it read, and reading creates nothing.
+    assert f"ledger {state / 'ledger.db'}: not created yet" in result.stdout
+    assert not state.exists()
 
 
 def test_db_wins_over_the_state_dir(tmp_path):
     state, db = tmp_path / "state", tmp_path / "elsewhere.db"
     result = invoke("--state-dir", str(state), "--db", f"sqlite:///{db}", "status")
     assert result.exit_code == 0, result.output
-    assert db.exists() and not (state / "ledger.db").exists()
+    assert f"ledger {db}" in result.stdout and "state" not in result.stdout.replace(str(tmp_path), "")
 
 
 def test_global_options_do_not_outlive_their_invocation(tmp_path):
     first, from_env = tmp_path / "first", tmp_path / "from-env"
-    assert invoke("--state-dir", str(first), "status").exit_code == 0
+    assert str(first) in invoke("--state-dir", str(first), "status").stdout
     # The next invocation gives no --state-dir: the environment decides, not what the last one said.
     result = invoke("status", env={"SPOTUNE_STATE_DIR": str(from_env), "SPOTUNE_DB": None})
     assert result.exit_code == 0, result.output
-    assert (from_env / "ledger.db").exists()
+    assert f"ledger {from_env / 'ledger.db'}" in result.stdout
 
 
 def test_python_dash_m_honours_the_global_options_too(tmp_path):
@@ -128,9 +129,10 @@ def test_python_dash_m_honours_the_global_options_too(tmp_path):
     flagged = tmp_path / "flagged"
     env = {k: v for k, v in os.environ.items() if k not in ("SPOTUNE_DB", "SPOTUNE_STATE_DIR")}
     done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "--state-dir", str(flagged), "status"],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**env, "COLUMNS": "200"})
     assert done.returncode == 0, done.stderr
-    assert (flagged / "ledger.db").exists() and not (tmp_path / "state").exists()
+    assert "ledger flagged/ledger.db" in done.stdout  # said relative to where it ran
+    assert not flagged.exists() and not (tmp_path / "state").exists()
 
 
 def test_global_options_resolve_flag_then_environment_then_default(tmp_path, monkeypatch):

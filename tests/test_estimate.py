@@ -148,28 +148,33 @@ def test_checkpoint_interval_is_the_sooner_trigger():
 
 def test_jsonl_tokens_are_estimated_at_four_characters_without_a_tokenizer(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text('{"text": "' + "a" * 400 + '"}\n\n{"instruction": "' + "b" * 200 + '", "output": "' + "c" * 199 + '"}\n')
+    path.write_text('{"text": "' + "a" * 400 + '"}\n\n{"text": "' + "b" * 199 + '"}\n')
     counted = count_dataset_tokens(path)
-    assert (counted.examples, counted.tokens) == (2, 200)
+    assert (counted.examples, counted.tokens, counted.exact) == (2, (100 + 1) + (50 + 1), False)  # + an eos each
     assert "4 characters per token" in counted.how
 
 
-def test_jsonl_tokens_are_counted_with_a_local_tokenizer(tmp_path):
+def test_jsonl_tokens_are_counted_with_the_models_tokenizer_and_chat_template(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"hello": 0, "world": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    from contract.tokenizer import FileTokenizer
+
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"hello": 0, "world": 1, "[UNK]": 2, "</s>": 3}, unk_token="[UNK]"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["</s>"])
     tok.save(str(tmp_path / "tokenizer.json"))
     path = tmp_path / "d.jsonl"
     path.write_text('{"messages": [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "hello"}]}\n')
-    counted = count_dataset_tokens(path, tmp_path / "tokenizer.json")
-    assert counted.tokens == 5          # user, hello, world, assistant, hello
-    assert "tokenizer.json" in counted.how
+    counted = count_dataset_tokens(path, FileTokenizer(tok, {"eos_token": "</s>"}, None, "tokenizer.json here"))
+    # The plain '### Role:' rendering (no chat template): ### User: hello world ### Assistant: hello </s>,
+    # where '###', 'User' and the colons are unknown words.
+    assert counted.exact and counted.tokens == len(tok.encode("### User:\nhello world\n\n### Assistant:\nhello</s>").ids)
+    assert "tokenizer.json here" in counted.how
 
 
 def test_bad_jsonl_line_is_named_by_file_and_line(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "ok"}\nnot json at all\n')
-    with pytest.raises(UserError, match=r"d\.jsonl:2: not JSONL"):
+    with pytest.raises(UserError, match=r"d\.jsonl:2: not valid JSON"):
         count_dataset_tokens(path)
     assert count_dataset_tokens(path, on_bad_line="skip").examples == 1
 
@@ -177,12 +182,12 @@ def test_bad_jsonl_line_is_named_by_file_and_line(tmp_path):
 def test_a_json_array_file_is_not_jsonl(tmp_path):
     path = tmp_path / "d.json"
     path.write_text('[{"text": "a"},\n {"text": "b"}]\n')
-    with pytest.raises(UserError, match=r"d\.json:1: not JSONL"):
+    with pytest.raises(UserError, match=r"d\.json:1: not valid JSON"):
         count_dataset_tokens(path)
 
 
 def test_missing_dataset_file_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="dataset file not found"):
+    with pytest.raises(UserError, match="data file not found"):
         count_dataset_tokens(tmp_path / "nope.jsonl")
 
 

@@ -72,6 +72,35 @@ def test_migrations_downgrade_to_nothing_and_upgrade_again(ledger_url):
         assert ledger.list_jobs() == []
 
 
+@pytest.mark.parametrize("from_revision", ["0001", "0002", "0003", "0004", "0005", "0006"])
+def test_upgrading_an_older_ledger_keeps_every_row(ledger_url, from_revision):
+    """A migration that rebuilds the jobs table (SQLite changes a column that way) must not let the
+    drop cascade into the estimates, attempts and events that belong to the jobs."""
+    from alembic import command
+
+    from orchestrator.migrations import alembic_config
+
+    with Ledger(ledger_url) as ledger:
+        job_id = new_job(ledger)
+        ledger.upsert_attempt(job_id, observed(1, 0, 30, "preempted"))
+        ledger.upsert_attempt(job_id, observed(2, 31, 60, "finished"))
+    tables = ("jobs", "estimates", "attempts")
+    engine = create_engine(ledger_url)
+
+    def counts() -> dict:
+        with engine.connect() as conn:
+            return {t: conn.execute(text(f"SELECT count(*) FROM {t}")).scalar() for t in tables}
+
+    before = counts()
+    with engine.begin() as conn:  # a plain engine: SQLite's foreign keys are off, as an old spotune left them
+        command.downgrade(alembic_config(conn), from_revision)
+    assert counts() == before
+    with Ledger(ledger_url) as ledger:
+        assert [a.n for a in ledger.attempts(job_id) if a.n > 0] == [1, 2]
+    assert counts() == before
+    engine.dispose()
+
+
 def test_a_ledger_from_a_newer_spotune_is_refused_with_one_line(ledger_url):
     Ledger(ledger_url).close()
     engine = create_engine(ledger_url)
@@ -298,7 +327,7 @@ def test_ingest_events_is_idempotent_and_resumes_after_a_partial_line(ledger, tm
     assert len(samples) == 20 + 25 and samples[0].time == at(2) and samples[0].loss == pytest.approx(1.99)
     (checkpoint,) = ledger.checkpoints(job_id)
     assert (checkpoint.attempt, checkpoint.step, checkpoint.bytes, checkpoint.seconds) == (1, 15, 123456, 3.5)
-    assert checkpoint.verified is False  # no such directory here
+    assert checkpoint.verified is True  # attempt 2 resumed from it
     assert [e.event for e in ledger.run_events(job_id)] == ["start", "preempted", "start", "finished"]
 
 
@@ -332,20 +361,27 @@ def test_a_recipe_that_always_says_attempt_1_still_gets_one_attempt_per_start(le
     assert (first.tokens, second.tokens, second.resumed_from_step) == (20_000, 25_000, 15)
 
 
-def test_checkpoint_is_verified_when_its_directory_exists(ledger, tmp_path):
+def test_a_checkpoint_is_verified_by_the_resume_that_loads_it_and_failed_by_the_one_that_skips_it(ledger, tmp_path):
     job_id = new_job(ledger)
-    (tmp_path / "checkpoints" / "step-15").mkdir(parents=True)
     path = tmp_path / "events.jsonl"
     write_events(path, [event("checkpoint", 3, 1, step=15, path="checkpoints/step-15", seconds=1.0, bytes=10),
-                        event("checkpoint", 6, 1, step=30, path=str(tmp_path / "gone"), seconds=1.0, bytes=10)])
+                        event("checkpoint", 6, 1, step=30, path="checkpoints/step-30", seconds=1.0, bytes=10)])
     ledger.ingest_events(job_id, path)
-    assert [c.verified for c in ledger.checkpoints(job_id)] == [True, False]
+    assert [c.verified for c in ledger.checkpoints(job_id)] == [None, None]  # no resume has read them yet
+
+    write_events(path, [event("checkpoint_skipped", 8, 2, step=30, path="checkpoints/step-30",
+                              reason="trainer_state.pt cannot be loaded", moved_to="checkpoints/rejected-step-30"),
+                        event("start", 9, 2, resumed_from_step=15, total_steps=40, total_tokens=40_000)])
+    ledger.ingest_events(job_id, path)
+    assert [(c.step, c.verified) for c in ledger.checkpoints(job_id)] == [(15, True), (30, False)]
+    skipped = [e for e in ledger.run_events(job_id) if e.event == "checkpoint_skipped"]
+    assert [(e.attempt, e.step, e.payload["reason"]) for e in skipped] == [(2, 30, "trainer_state.pt cannot be loaded")]
 
 
 def test_ingest_skips_torn_lines_and_unknown_events(ledger, tmp_path):
     job_id = new_job(ledger)
     path = tmp_path / "events.jsonl"
-    path.write_text('{"event": "step", "ti\n' + json.dumps(event("checkpoint_skipped", 1, 1)) + "\n")
+    path.write_text('{"event": "step", "ti\n' + json.dumps(event("from_a_newer_recipe", 1, 1)) + "\n")
     write_events(path, [event("step", 2, 1, step=1, tokens=10)])
     assert ledger.ingest_events(job_id, path) == 1
     assert ledger.ingest_events(job_id, tmp_path / "missing.jsonl") == 0

@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -40,29 +41,38 @@ def spotune(*args: str):
 def test_json_is_one_object_with_every_job_split_and_totals(seeded):
     url, demo, cheap = seeded
     report = json.loads(spotune("--db", url, "ledger", "--json"))
-    assert set(report) == {"jobs", "totals"}
+    assert set(report) == {"ledger", "jobs", "totals"} and report["ledger"].startswith("ledger ")
     by_id = {j["id"]: j for j in report["jobs"]}
     d = by_id[demo]
     assert (d["name"], d["status"], d["backend"]) == ("demo", "succeeded", "local")
-    assert d["estimate"] == {"cost": 2.2, "hours": 1.1, "tokens_per_second": 1000.0, "provider": "aws", "gpu": "A10G",
-                             "gpu_count": 1, "spot": True, "price_per_hour": 2.0}
-    assert d["actual"] == {"cost": 3.2, "hours": 1.4, "tokens": 69000, "tokens_per_second": 1027.0}
-    assert d["variance"] == {"total": 1.0, "price": 0.4, "throughput": 0.4, "preemption": 0.2}
+    assert d["estimate"].items() >= {"cost": "2.200000", "hours": 1.1, "tokens_per_second": 1000.0, "provider": "aws",
+                                     "gpu": "A10G", "gpu_count": 1, "spot": True, "price_per_hour": "2.000000"}.items()
+    assert d["actual"].items() >= {"cost": "3.200000", "hours": 1.4, "tokens": 69000, "tokens_per_second": 1027.0}.items()
+    assert d["variance"].items() >= {"total": "1.000000", "price": "0.400000", "throughput": "0.400000",
+                                     "preemption": "0.200000"}.items()
     assert d["story"].startswith("cost $3.20 vs $2.20 estimated (+45.5%): +$0.40 price")
     first, second = d["attempts"]
-    assert first == {"n": 1, "provider": "aws", "region": "us-east-1", "gpu": "A10G", "gpu_count": 1, "spot": True,
-                     "price_per_hour": 2.0, "started_at": "2026-11-20T09:00:00Z", "ended_at": "2026-11-20T09:36:00Z",
-                     "end_reason": "preempted", "resumed_from_step": None, "tokens": 32000, "hours": 0.6, "cost": 1.2}
-    assert (second["resumed_from_step"], second["tokens"], second["price_per_hour"]) == (27, 42000, 2.5)
-    # cheap: 2.5 h x $0.41783 = $1.04 vs 3.25 h x $0.41783 = $1.36 planned
+    assert first.items() >= {"n": 1, "provider": "aws", "region": "us-east-1", "gpu": "A10G", "gpu_count": 1, "spot": True,
+                             "price_per_hour": "2.000000", "started_at": "2026-11-20T09:00:00Z",
+                             "ended_at": "2026-11-20T09:36:00Z", "end_reason": "preempted", "resumed_from_step": None,
+                             "tokens": 32000, "hours": 0.6, "cost": "1.200000"}.items()
+    assert (second["resumed_from_step"], second["tokens"], Decimal(second["price_per_hour"])) == (27, 42000, Decimal("2.5"))
+    # Money is exact in JSON: cheap ran 2.5 h x $0.41783 against 3.25 h x $0.41783 planned.
     c = by_id[cheap]
-    assert (c["estimate"]["cost"], c["actual"]["cost"], c["variance"]["total"]) == (1.36, 1.04, -0.32)
-    assert sum(c["variance"][p] for p in ("price", "throughput", "preemption")) == pytest.approx(-0.32)
+    assert (Decimal(c["estimate"]["cost"]), Decimal(c["actual"]["cost"]), Decimal(c["variance"]["total"])) == (
+        Decimal("1.357948"), Decimal("1.044575"), Decimal("-0.313373"))
+    parts = ("price", "throughput", "preemption", "controller")
+    for job in (d, c):
+        assert sum(Decimal(job["variance"][p]) for p in parts) == Decimal(job["variance"]["total"])
+        assert sum(Decimal(a["cost"]) for a in job["attempts"]) == Decimal(job["actual"]["cost"])
     totals = report["totals"]
-    assert (totals["jobs"], totals["estimate"], totals["actual"]) == (2, 3.56, 4.24)
-    assert totals["variance"]["total"] == pytest.approx(0.68)
-    assert {r["provider"]: r["actual"] for r in totals["by_provider"]} == {"aws": 3.2, "gcp": 1.04}
-    assert {r["method"]: (r["jobs"], r["estimate"]) for r in totals["by_method"]} == {"lora": (1, 2.2), "qlora": (1, 1.36)}
+    assert (totals["jobs"], Decimal(totals["estimate"]), Decimal(totals["actual"])) == (
+        2, Decimal("3.557948"), Decimal("4.244575"))
+    assert Decimal(totals["variance"]["total"]) == Decimal("0.686627")
+    assert {r["provider"]: Decimal(r["actual"]) for r in totals["by_provider"]} == {
+        "aws": Decimal("3.2"), "gcp": Decimal("1.044575")}
+    assert {r["method"]: (r["jobs"], Decimal(r["estimate"])) for r in totals["by_method"]} == {
+        "lora": (1, Decimal("2.2")), "qlora": (1, Decimal("1.357948"))}
     assert {r["gpu"] for r in totals["by_gpu"]} == {"A10G", "L4"} and len(totals["by_month"]) == 1
 
 
@@ -85,7 +95,8 @@ def test_csv_has_one_row_per_job(seeded):
     url, demo, cheap = seeded
     rows = list(csv.DictReader(io.StringIO(spotune("--db", url, "ledger", "--csv"))))
     assert [r["id"] for r in rows] == [demo, cheap]
-    assert (rows[0]["actual_cost"], rows[0]["preemption"], rows[1]["variance"]) == ("3.2", "0.2", "-0.32")
+    # Exact decimals (micro-dollars), as in --json: 2.5 h x $0.41783 = $1.044575 vs 3.25 h planned = $1.357948
+    assert (rows[0]["actual_cost"], rows[0]["preemption"], rows[1]["variance"]) == ("3.200000", "0.200000", "-0.313373")
 
 
 def test_plot_writes_a_png(seeded, tmp_path):

@@ -37,7 +37,7 @@ def test_plan_prints_ranked_options_managed_apis_and_rejections():
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "15,360,000 tokens" in out
-    for header in ("provider", "region", "GPU x count", "spot", "$/h", "tokens/s", "hours", "expected cost", "memory/GPU"):
+    for header in ("where", "GPU", "spot", "$/h", "tokens/s", "hours", "cost", "GB/GPU"):
         assert header in out
     assert "managed fine-tuning APIs" in out and "together" in out and "GPU cheaper above" in out
     assert "cheapest rejected" in out
@@ -110,7 +110,7 @@ def test_missing_dataset_file(tmp_path):
 def test_dataset_that_is_not_jsonl(tmp_path):
     write(tmp_path / "data.csv", "instruction,output\nhi,there\n")
     bad = write(tmp_path / "bad.yaml", SPEC.replace("  examples: 10000\n  tokens_per_example: 512\n", "  path: data.csv\n"))
-    assert_one_line_error(spotune("plan", bad), "data.csv:1: not JSONL")
+    assert_one_line_error(spotune("plan", bad), "data.csv:1: not valid JSON")
 
 
 def test_nothing_can_satisfy_the_spec_names_the_closest_miss(tmp_path):

@@ -112,8 +112,8 @@ def test_budget_and_max_price_reject_with_reasons():
 
 def test_an_offer_too_small_is_rejected_for_memory_with_the_figures():
     offers = [offer("small", gpu="T4", vram=16, on_demand="0.35"), offer("big", on_demand="4.00")]
-    plan = make_plan(spec(model="llama-3.1-70b", method="lora"), offers + [offer("eight", count=8, on_demand="30.00")], ())
-    assert {o.offer.provider for o in plan.options} == {"eight"}   # 141 GB of bf16 weights: sharded over 8 GPUs
+    plan = make_plan(spec(model="llama-3.1-70b", method="lora"), offers + [offer("b300", gpu="B300", vram=288, on_demand="12.00")], ())
+    assert {o.offer.provider for o in plan.options} == {"b300"}   # 141 GB of bf16 weights on the one GPU that holds them
     reasons = {r.offer.provider: r for r in plan.rejected}
     assert reasons["small"].reason == reasons["big"].reason == "does_not_fit_memory"
     assert "GB per GPU" in reasons["big"].detail and "80 GB" in reasons["big"].detail
@@ -164,9 +164,13 @@ def test_managed_prices_are_priced_for_this_job():
 
 
 def test_dataset_file_is_counted_and_a_missing_one_is_a_user_error(tmp_path):
-    (tmp_path / "train.jsonl").write_text("".join('{"text": "%s"}\n' % ("x" * 400) for _ in range(10)))
-    counted = make_plan(spec(tmp_path, data={"path": "train.jsonl"}, epochs=2), [offer()], ())
+    (tmp_path / "train.jsonl").write_text("".join('{"text": "%s"}\n' % ("x" * 396) for _ in range(10)))
+    # No tokenizer for this model here: ~4 characters per token, 99 + eos per document, packed as the recipe
+    # packs: 10 blocks of 100, 2 epochs = 4 steps of 5 blocks.
+    counted = make_plan(spec(tmp_path, data={"path": "train.jsonl"}, epochs=2, seq_len=100, batch={"global": 5}),
+                        [offer()], ())
     assert counted.total_tokens == 10 * 100 * 2
+    assert counted.assumptions["dataset"]["steps"] == 4
     assert "4 characters per token" in counted.assumptions["dataset"]["counted"]
     with pytest.raises(UserError, match="dataset file not found"):
         make_plan(spec(tmp_path, data={"path": "missing.jsonl"}), [offer()], ())

@@ -27,7 +27,7 @@ def test_hand_computed_example_splits_exactly(ledger_url, tmp_path):
     assert r.tokens_per_second == pytest.approx((32 * 800.0 + 42 * 1200.0) / 74)
     assert r.story() == (
         "cost $3.20 vs $2.20 estimated (+45.5%): +$0.40 price (ran at $2.0000/h, $2.5000/h vs $2.0000/h planned), "
-        "+$0.40 throughput (1,027 tokens/s vs 1,000 planned; 1.200 h productive vs 1.000 h), "
+        "+$0.40 throughput (1.200 h productive vs 1.000 h planned, start-up included; 1,027 tokens/s vs 1,000 planned), "
         "+$0.20 preemption (1 preemption, 0.200 h lost vs 0.100 h planned)")
 
 

@@ -1,4 +1,7 @@
-"""The SkyPilot task built from a launch request, checked with real sky objects on a seeded catalog (offline)."""
+"""The SkyPilot task built from a launch request, checked with real sky objects on a seeded catalog (offline).
+
+Feasibility on clouds without bucket mounts is tests/test_sky_feasibility.py; the run script under
+SkyPilot's own wrapping is tests/test_sky_run_script.py."""
 from __future__ import annotations
 
 from decimal import Decimal
@@ -10,7 +13,9 @@ from sky_catalog import catalog_offers, seeded_runtime, sky_with_seeded_catalog
 
 from contract.backend import LaunchRequest
 from contract.spec import load_spec
-from launch.sky_task import CHECKPOINT_MOUNT, SkyTaskError, build_task, render_task_yaml
+from launch.sky_clouds import EnabledClouds
+from launch.sky_store import MOUNT_POINT
+from launch.sky_task import SkyTaskError, build_task, render_task_yaml, task_name
 from orchestrator.quote import Option, Plan
 
 sky = sky_with_seeded_catalog()
@@ -21,6 +26,8 @@ def _sky_runtime(monkeypatch):
     """SkyPilot's state and config for these tests live in the seeded runtime dir too."""
     monkeypatch.setenv("SKY_RUNTIME_DIR", seeded_runtime())
 OFFERS = catalog_offers()
+# What `sky check` enabled, for the tests that need SkyPilot to mount the checkpoint bucket.
+AWS_GCP_LAMBDA = EnabledClouds(compute=frozenset({"aws", "gcp", "lambda"}), storage=frozenset({"aws", "gcp"}))
 
 
 def offer(provider, region, instance_type):
@@ -41,9 +48,10 @@ def plan_of(*options):
                 options=tuple(ranked), rejected=(), managed=(), catalog_snapshot="bundled")
 
 
-def request_of(spec, plan, job_id="demo-1"):
+def request_of(spec, plan, job_id="demo-1", state=None):
     """What the orchestrator sends: the plan's options as placements, in the plan's order."""
-    return LaunchRequest(job_id=job_id, spec=spec, node_spec=spec.node_spec(), run_dir=Path("runs") / job_id,
+    state = Path(state) if state is not None else spec.data_path().parent / "state"
+    return LaunchRequest(job_id=job_id, spec=spec, node_spec=spec.node_spec(), run_dir=state / "runs" / job_id,
                          placements=tuple(o.placement for o in plan.options), env={"SPOTUNE_JOB_ID": job_id})
 
 
@@ -85,17 +93,25 @@ def test_first_resource_is_the_planners_top_option_and_order_is_kept(spec, plan)
     first = task.resources[0]
     assert first.accelerators == {"A100": 8}
     assert first.job_recovery["strategy"] == "EAGER_NEXT_REGION"
-    assert first.job_recovery["max_restarts_on_errors"] == 3
+
+
+def test_skypilot_retries_only_preemptions_and_counted_crashes_so_bad_input_ends_the_job(spec, plan):
+    """SkyPilot restarts a job on a new cluster for an exit code in recover_on_exit_codes and, with
+    max_restarts_on_errors 0, for no other: the run script turns a crash into 76 while the spec's
+    restart budget lasts (it counts them itself), and bad input stays 2."""
+    spec.sky.max_restarts_on_errors = 1
+    task, _ = build_task(request_of(spec, plan))
+    assert {(r.job_recovery["max_restarts_on_errors"], tuple(r.job_recovery["recover_on_exit_codes"]))
+            for r in task.resources} == {(0, (75, 76))}
+    assert task.envs["SPOTUNE_MAX_RESTARTS_ON_ERRORS"] == "1"
 
 
 def test_options_are_capped_at_max_options_and_recovery_follows_the_spec(spec, plan):
     spec.sky.max_options = 2
     spec.sky.recovery_strategy = "FAILOVER"
-    spec.sky.max_restarts_on_errors = 1
     task, _ = build_task(request_of(spec, plan))
     assert len(task.resources) == 2
     assert {r.job_recovery["strategy"] for r in task.resources} == {"FAILOVER"}
-    assert {r.job_recovery["max_restarts_on_errors"] for r in task.resources} == {1}
 
 
 def _keys(resources):
@@ -123,7 +139,7 @@ def test_real_8b_qlora_plan_falls_back_across_clouds_and_gpus_in_cost_order(tmp_
                     "data: {examples: 20000, tokens_per_example: 512}\n")
     big = load_spec(path)
     plan = make_plan(big, OFFERS)
-    task, _ = build_task(request_of(big, plan, "big-1"))
+    task, _ = build_task(request_of(big, plan, "big-1", state=tmp_path))
     got = _keys(task.resources)
     plan_order = [(o.offer.provider, o.offer.region, o.offer.instance_type, o.spot) for o in plan.options]
     assert len(got) == big.sky.max_options == 8
@@ -137,17 +153,46 @@ def test_real_8b_qlora_plan_falls_back_across_clouds_and_gpus_in_cost_order(tmp_
     assert len(per_offer) >= 4 and len({cloud for cloud, *_ in got}) >= 3
 
 
-def test_checkpoint_bucket_is_mounted_cached_and_the_run_is_keyed_by_task_id(spec, plan):
-    task, _ = build_task(request_of(spec, plan, "Demo_1"))
-    storage = task.storage_mounts[CHECKPOINT_MOUNT]
+def test_checkpoint_bucket_is_mounted_cached_and_the_run_is_keyed_by_the_spotune_job_id(spec, plan):
+    """SKYPILOT_TASK_ID changes when the jobs controller restarts a job: a run dir keyed by it would
+    start training again from step 0. The spotune job id is stable."""
+    task, _ = build_task(request_of(spec, plan, "demo-20261129-ab12"), clouds=AWS_GCP_LAMBDA)
+    storage = task.storage_mounts[MOUNT_POINT]
     assert storage.mode == sky.StorageMode.MOUNT_CACHED
-    assert storage.name == "spotune-ckpt-demo-1"
-    assert '--run-dir "$RUN_DIR" --checkpoint-dir "$RUN_DIR/checkpoints"' in task.run
-    assert 'RUN_DIR="/ckpt/$SKYPILOT_TASK_ID"' in task.run
+    assert storage.name == "spotune-ckpt-demo-20261129-ab12" and storage.persistent
+    assert list(storage.stores) == [sky.StoreType.S3]
+    assert task.envs["SPOTUNE_STORE"] == "s3://spotune-ckpt-demo-20261129-ab12/demo-20261129-ab12"
+    # The recipe's `finished` event names where the output is kept, not the node's disk.
+    assert task.envs["SPOTUNE_OUTPUT_URL"] == "s3://spotune-ckpt-demo-20261129-ab12/demo-20261129-ab12/output"
+    assert 'RUN_DIR="/ckpt/demo-20261129-ab12"' in task.run and "SKYPILOT_TASK_ID" not in task.run
+    assert '--run-dir "$RUN_DIR" --checkpoint-dir "$CHECKPOINT_DIR"' in task.run
+    assert 'CHECKPOINT_DIR="$RUN_DIR/checkpoints"' in task.run
     assert "pip install -q -e '.[train]'" in task.setup
+
+
+def test_the_data_file_travels_in_a_folder_of_its_own(spec, plan):
+    """SkyPilot's managed jobs copy a local folder to the node but mount a single file from a
+    bucket (tests/test_sky_feasibility.py runs that translation): a folder works on every cloud."""
+    task, _ = build_task(request_of(spec, plan))
     node_spec = yaml.safe_load(task.envs["SPOTUNE_SPEC_YAML"])
     assert node_spec["data"]["path"] == "/spotune-data/train.jsonl"
-    assert task.file_mounts["/spotune-data/train.jsonl"] == str(spec.data_path().resolve())
+    folder = Path(task.file_mounts["/spotune-data"])
+    assert [p.name for p in folder.iterdir()] == ["train.jsonl"]
+    assert (folder / "train.jsonl").read_bytes() == spec.data_path().read_bytes()
+    again, _ = build_task(request_of(spec, plan, "demo-2"))
+    assert again.file_mounts["/spotune-data"] == str(folder)  # the same file ships the same folder
+
+
+def test_a_spec_name_starting_with_a_digit_still_names_a_valid_cluster():
+    from sky.jobs.utils import generate_managed_job_cluster_name
+    from sky.utils import common_utils
+
+    for job_id in ("7b-lora-20261129-ab12", "demo-20261129-ab12", "a..._b-20261129-ab12"):
+        name = task_name(job_id)
+        sky.Task(name=name)  # SkyPilot's task-name rule
+        common_utils.check_cluster_name_is_valid(generate_managed_job_cluster_name(name, 42))
+    assert task_name("7b-lora-20261129-ab12") == "job-7b-lora-20261129-ab12"
+    assert task_name("demo-20261129-ab12") == "demo-20261129-ab12"
 
 
 def test_the_node_gets_the_requests_node_spec_with_only_the_data_path_moved(spec, plan):
@@ -162,10 +207,19 @@ def test_the_node_gets_the_requests_node_spec_with_only_the_data_path_moved(spec
     assert request.node_spec["data"]["path"] == str(spec.data_path().resolve())  # the request is not changed
 
 
-def test_spec_bucket_url_is_mounted_as_the_existing_bucket(spec, plan):
-    spec.sky.bucket = "s3://my-ckpts"
-    task, _ = build_task(request_of(spec, plan))
-    assert task.storage_mounts[CHECKPOINT_MOUNT].source == "s3://my-ckpts"
+def test_a_checkpoint_url_is_mounted_as_the_existing_bucket_with_the_job_under_its_prefix(spec, plan):
+    spec.checkpoint.url = "s3://my-ckpts/fine-tunes"
+    task, _ = build_task(request_of(spec, plan), clouds=AWS_GCP_LAMBDA)
+    assert task.storage_mounts[MOUNT_POINT].source == "s3://my-ckpts"
+    assert task.envs["SPOTUNE_STORE"] == "s3://my-ckpts/fine-tunes/demo-1"
+    assert 'RUN_DIR="/ckpt/fine-tunes/demo-1"' in task.run
+
+
+def test_without_storage_enabled_in_sky_check_the_recipe_writes_the_store_itself(spec, plan):
+    task, _ = build_task(request_of(spec, plan), clouds=EnabledClouds(frozenset({"aws", "gcp", "lambda"}), frozenset()))
+    assert not task.storage_mounts
+    assert 'CHECKPOINT_DIR="$SPOTUNE_STORE/checkpoints"' in task.run
+    assert 'python -m launch.sky_node prepare "$SPOTUNE_STORE"' in task.run
 
 
 def test_hf_token_value_never_appears_in_the_dry_run_yaml(spec, plan, monkeypatch):
@@ -176,7 +230,7 @@ def test_hf_token_value_never_appears_in_the_dry_run_yaml(spec, plan, monkeypatc
 
 
 def test_secret_values_go_into_sky_secrets_not_envs(spec, plan):
-    task, _ = build_task(request_of(spec, plan), secrets={"HF_TOKEN": "hf_x"})
+    task, _ = build_task(request_of(spec, plan), secrets={"HF_TOKEN": "hf_x"}, clouds=AWS_GCP_LAMBDA)
     assert "HF_TOKEN" not in task.envs
     assert task.secrets["HF_TOKEN"].get_secret_value() == "hf_x"
 
@@ -238,7 +292,7 @@ def test_with_the_real_planner_the_dry_run_launches_its_top_option_first(tmp_pat
     big = load_spec(path)
     plan = make_plan(big, OFFERS)
     assert plan.best is not None
-    config = yaml.safe_load(render_task_yaml(request_of(big, plan, "big-1")))
+    config = yaml.safe_load(render_task_yaml(request_of(big, plan, "big-1", state=tmp_path)))
     task = sky.Task.from_yaml_config(config)
     first = task.resources[0]
     top = plan.best
@@ -258,14 +312,18 @@ def test_with_the_real_planner_the_dry_run_launches_its_top_option_first(tmp_pat
     assert abs(Decimal(str(free.get_cost(runtime))) - top.expected_cost) < Decimal("0.01")
 
 
-def test_run_script_is_valid_bash_and_maps_a_torchrun_preemption_back_to_75(tmp_path):
+def test_run_scripts_are_valid_bash_and_end_with_their_status_not_an_exit():
     import subprocess
 
-    from launch.sky_task import run_commands
+    from launch.sky_scripts import run_commands
+    from launch.sky_store import JobStore
 
-    script = run_commands()
-    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
-    assert "torch.distributed.run" in script and "ended-preempted" in script
+    for mounted in (True, False):
+        script = run_commands(JobStore("s3://b/job-1", mounted))
+        assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+        assert "torch.distributed.run" in script
+        assert script.rstrip().splitlines()[-1] == "(exit $rc)"
+        assert not [line for line in script.splitlines() if line.strip().startswith("exit")]
 
 
 def test_the_event_log_tells_a_preemption_from_a_crash(tmp_path):

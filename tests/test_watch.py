@@ -127,7 +127,7 @@ def test_status_lists_every_job_at_its_attempts_cost_without_reading_samples(tmp
     result = CliRunner().invoke(app, ["--db", url, "status"], catch_exceptions=False, env={"COLUMNS": "200"})
 
     assert result.exit_code == 0, result.output
-    rows = {line.split()[1]: line for line in result.output.splitlines() if line.startswith("│ ")}
+    rows = {line.split()[0]: line for line in result.output.splitlines() if line.strip()}
     assert "$2.20" in rows[ended] and "$3.20" in rows[ended]  # estimate, actual (reconcile's hand example)
     with Ledger(url) as ledger:
         so_far_after = money(spend(ledger.attempts(running)))

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Optional
 
 from orchestrator.catalog.managed import ManagedPrice, load_managed_prices, managed_quotes
-from orchestrator.catalog.sky import (SKY_CLOUDS, export_sky, read_sky_catalog, read_sky_catalog_files,
-                                      sky_catalog_files)
+from orchestrator.catalog.sky import SKY_CLOUDS, read_sky_catalog, read_sky_catalog_files, sky_catalog_files
+from orchestrator.catalog.sky_export import export_sky
 from orchestrator.catalog.snapshot import load_snapshot, snapshot_date, snapshot_signature
 from orchestrator.catalog.specs import GpuSpec, gpu_specs
 from orchestrator.quote import Offer

@@ -1,4 +1,4 @@
-"""Read and write SkyPilot's v8 price catalogs (`<dir>/<cloud>/vms.csv`).
+"""Read SkyPilot's v8 price catalogs (`<dir>/<cloud>/vms.csv`); writing them is sky_export.py.
 
 Columns are read by header name: their order differs per cloud. The per-cloud quirks handled
 here are the ones in SkyPilot's own files (see tests/test_catalog.py, one test each):
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import logging
 import math
 import re
 from decimal import Decimal, InvalidOperation
@@ -21,8 +20,6 @@ from typing import Iterable, Optional
 from orchestrator.catalog.specs import GpuSpec, gpu_specs
 from contract.errors import UserError
 from orchestrator.quote import Offer
-
-log = logging.getLogger(__name__)
 
 
 class CatalogError(UserError):
@@ -43,7 +40,6 @@ SKY_HEADERS: dict[str, tuple[str, ...]] = {
     "azure": ("InstanceType", "AcceleratorName", "AcceleratorCount", "vCPUs", "MemoryGiB", "GpuInfo", "Price", "SpotPrice", "Region", "Generation"),
 }
 SKY_CLOUDS = tuple(SKY_HEADERS)
-_GENERIC_HEADER = SKY_HEADERS["aws"][:-1]
 
 # GCP: which host VM carries which accelerator (sky/catalog/gcp_catalog.py _ACC_INSTANCE_TYPE_DICTS).
 _GCP_HOSTS: dict[str, dict[int, tuple[str, ...]]] = {
@@ -266,95 +262,3 @@ def read_sky_catalog_files(files: tuple[tuple[str, str, int, int], ...]) -> tupl
     for cloud, path, mtime_ns, size in files:
         offers.extend(_read_vms_csv_cached(path, cloud, mtime_ns, size))
     return tuple(offers)
-
-
-def _gpu_info(cloud: str, offer: Offer) -> str:
-    per_gpu_mib = offer.vram_gb_per_gpu * 1024
-    if cloud == "runpod":
-        size = offer.vram_gb_per_gpu          # RunPod's field holds GB
-    elif cloud == "vast":
-        size = per_gpu_mib * offer.gpu_count  # Vast's holds the total
-    else:
-        size = per_gpu_mib
-    size_text = str(int(size)) if float(size).is_integer() else repr(round(size, 4))
-    total = offer.vram_gb_per_gpu * offer.gpu_count * (1 if cloud == "runpod" else 1024)
-    total_text = str(int(total)) if float(total).is_integer() else repr(round(total, 4))
-    gpus = f"[{{'Name': '{offer.gpu}', 'Count': {offer.gpu_count}, 'MemoryInfo': {{'SizeInMiB': {size_text}}}}}]"
-    text = f"{{'Gpus': {gpus}, 'TotalGpuMemoryInMiB': {total_text}}}"
-    return text.replace("'", '"') if cloud == "verda" else text
-
-
-def _text(value: Optional[Decimal], none: str = "") -> str:
-    return none if value is None else str(value)
-
-
-def _shape_text(value: Optional[float]) -> str:
-    return "" if value is None else str(float(value))  # SkyPilot writes 48.0, 1900.0
-
-
-def _export_row(cloud: str, offer: Offer) -> dict[str, str]:
-    return {
-        "InstanceType": offer.instance_type, "UpstreamCloudId": offer.instance_type,
-        "AcceleratorName": offer.gpu, "AcceleratorCount": str(offer.gpu_count),
-        "vCPUs": _shape_text(offer.vcpus), "MemoryGiB": _shape_text(offer.memory_gib),
-        "GpuInfo": _gpu_info(cloud, offer),
-        "Price": _text(offer.price_on_demand),
-        # Vast marks "no spot market" as 0.00; every other cloud leaves the cell empty.
-        "SpotPrice": _text(offer.price_spot, none="0.00" if cloud == "vast" else ""),
-        "Region": offer.region, "AvailabilityZone": offer.zone or "",
-        "Arch": "arm64" if offer.instance_type.startswith(("g5g.", "c7g.", "m7g.")) else "x86_64",
-        "Generation": "",
-    }
-
-
-def _gcp_export_rows(offers: list[Offer]) -> list[dict[str, str]]:
-    """A GCP offer becomes a host row priced 0 plus an accelerator row with the whole price,
-    so host + accelerator (how SkyPilot and this reader price it) is the offer's price. The host
-    row carries the host VM's own vCPUs/MemoryGiB (SkyPilot pairs n1 hosts with GPUs by them)."""
-    hosts: dict[tuple[str, str, str], dict[str, str]] = {}
-    accelerators = []
-    for o in offers:
-        key = (o.instance_type, o.region, o.zone or "")
-        hosts.setdefault(key, {"InstanceType": o.instance_type, "vCPUs": _shape_text(o.vcpus),
-                               "MemoryGiB": _shape_text(o.memory_gib), "Region": o.region,
-                               "AvailabilityZone": o.zone or "", "Price": "0",
-                               "SpotPrice": "0" if o.price_spot is not None else ""})
-        accelerators.append({"AcceleratorName": o.gpu, "AcceleratorCount": str(o.gpu_count),
-                             "GpuInfo": _gpu_info("gcp", o), "Region": o.region,
-                             "AvailabilityZone": o.zone or "", "Price": _text(o.price_on_demand),
-                             "SpotPrice": _text(o.price_spot)})
-    return sorted(hosts.values(), key=lambda h: (h["InstanceType"], h["Region"], h["AvailabilityZone"])) + accelerators
-
-
-def export_sky(offers: Iterable[Offer], out_dir: Path) -> list[Path]:
-    """Write offers as SkyPilot v8 catalogs, `<out_dir>/<provider>/vms.csv`, one header per cloud.
-
-    SkyPilot cannot launch an instance type whose vCPUs/MemoryGiB it does not know (its catalog
-    code asserts on them), so offers without both are left out, with one counted warning.
-    Each file is written to a temporary name and renamed, so a failed export leaves no half file.
-    """
-    by_cloud: dict[str, list[Offer]] = {}
-    shapeless: dict[str, int] = {}
-    for o in offers:
-        if o.vcpus is None or o.memory_gib is None:
-            shapeless[o.provider] = shapeless.get(o.provider, 0) + 1
-            continue
-        by_cloud.setdefault(o.provider, []).append(o)
-    if shapeless:
-        counts = ", ".join(f"{n} {cloud}" for cloud, n in sorted(shapeless.items()))
-        log.warning("skipped %d offer(s) with no vCPUs/MemoryGiB, which SkyPilot needs to launch them (%s)",
-                    sum(shapeless.values()), counts)
-    written = []
-    for cloud, cloud_offers in sorted(by_cloud.items()):
-        header = SKY_HEADERS.get(cloud, _GENERIC_HEADER)
-        rows = _gcp_export_rows(cloud_offers) if cloud == "gcp" else [_export_row(cloud, o) for o in cloud_offers]
-        target = Path(out_dir) / cloud / "vms.csv"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore", restval="")
-            writer.writeheader()
-            writer.writerows(rows)
-        tmp.replace(target)
-        written.append(target)
-    return written

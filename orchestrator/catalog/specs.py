@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from pydantic import Field, StrictBool, model_validator
 
@@ -24,6 +24,9 @@ class GpuSpec(DataModel):
     bf16_tflops: PositiveReal     # peak dense; the fp16 tensor figure where bf16 is False
     memory_bandwidth_gbs: PositiveReal
     bf16: StrictBool
+    # Peak fp32 (non-tensor) TFLOP/s: what the recipe trains at where there is no bf16, so the
+    # planner prices those GPUs at it (contract/execution.py). Required where bf16 is False.
+    fp32_tflops: Optional[PositiveReal] = None
     memory_variants_gb: tuple[PositiveReal, ...] = Field(min_length=1)
     source: str
 
@@ -34,6 +37,12 @@ class GpuSpec(DataModel):
         if isinstance(data, dict) and "memory_variants_gb" not in data and "vram_gb" in data:
             return {**data, "memory_variants_gb": [data["vram_gb"]]}
         return data
+
+    @model_validator(mode="after")
+    def _fp32_rate_where_no_bf16(self) -> "GpuSpec":
+        if not self.bf16 and self.fp32_tflops is None:
+            raise ValueError("fp32_tflops is required where bf16 is false (the recipe trains in float32 there)")
+        return self
 
     @property
     def max_vram_gb(self) -> float:

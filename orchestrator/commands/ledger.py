@@ -1,6 +1,7 @@
 """`spotune ledger [JOB]`: what every job cost against its estimate, and why (price, throughput,
-preemption); one job's attempts timeline, checkpoints and variance story. `--json`, `--csv` and
-`--plot FILE` give the same figures to machines, spreadsheets and people (orchestrator/report.py).
+preemption); one job's attempts timeline, checkpoints and variance story. `--json`, `--csv`,
+`--plot FILE.png` and `--html FILE.html` give the same figures to machines, spreadsheets and people
+(orchestrator/report.py, report_plot.py, report_html.py). Reading creates no ledger.
 """
 from __future__ import annotations
 
@@ -13,12 +14,21 @@ import typer
 from contract.errors import UserError
 
 
+def _writable(path: Path, what: str) -> None:
+    if not path.parent.exists():
+        raise UserError(f"cannot write {what}: directory {path.parent} does not exist")
+
+
 def ledger(
     ctx: typer.Context,
     job: Optional[str] = typer.Argument(None, help="Job id (or a unique prefix): its attempts, checkpoints and variance story."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: jobs with estimate, actual, variance split, attempts; totals."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: jobs with estimate, actual, variance split, attempts; totals (docs/json.md)."),
     as_csv: bool = typer.Option(False, "--csv", help="Print one CSV row per job."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of estimate vs actual per job, with the variance split (needs the `plot` extra)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png",
+                                        help="Write a PNG of estimate vs actual per job, with the variance split (needs the `plot` extra)."),
+    html: Optional[Path] = typer.Option(None, "--html", metavar="FILE.html",
+                                        help="Write a self-contained HTML report: estimate vs actual, attempts on a timeline, "
+                                             "the variance split and the loss curve."),
 ) -> None:
     """What each job cost against its estimate, and why: price, throughput, preemption."""
     from orchestrator import report
@@ -31,22 +41,29 @@ def ledger(
         from orchestrator.report_plot import require_matplotlib
 
         require_matplotlib()
-        if not plot.parent.exists():
-            raise UserError(f"cannot write plot: directory {plot.parent} does not exist")
-    opened = global_options(ctx).existing_ledger()
+        _writable(plot, "plot")
+    if html is not None:
+        _writable(html, "the HTML report")
+    options = global_options(ctx)
+    label = options.ledger_label()
+    opened = options.existing_ledger()
     if opened is None and job is not None:
-        raise UserError(f"no job matching {job!r}: the ledger is empty")
+        raise UserError(f"no job matching {job!r} in the ledger ({label} does not exist yet)")
     now = datetime.now(timezone.utc)
     with (opened or _Empty()) as led:
         jobs = [led.get_job(job)] if job is not None else led.list_jobs()
-        entries = report.build_entries(led, jobs, now)
+        entries = report.build_entries(led, jobs, now, samples=html is not None)
     if plot is not None:
         from orchestrator.report_plot import write_plot
 
         write_plot(entries, plot)
     totals = report.totals(entries)
+    if html is not None:
+        from orchestrator.report_html import write_html
+
+        write_html(entries, totals, html, label, now)
     if as_json:
-        typer.echo(report.to_json_text(entries, totals))
+        typer.echo(report.to_json_text(entries, totals, label))
         return
     if as_csv:
         typer.echo(report.to_csv_text(entries), nl=False)
@@ -55,11 +72,14 @@ def ledger(
     if job is not None:
         report.render_job(console, entries[0])
     elif not entries:
-        console.print("no jobs in the ledger yet")
+        console.print(f"no jobs yet ({label}{'' if opened else ': not created yet'})", highlight=False)
     else:
         report.render_all(console, entries, totals)
-    if plot is not None:
-        console.print(f"plot written to {plot}")
+    for path, what in ((plot, "plot"), (html, "HTML report")):
+        if path is not None:
+            console.print(f"{what} written to {path}", highlight=False)
+    if entries:
+        console.print(f"[dim]{label}[/]", highlight=False)
 
 
 class _Empty:

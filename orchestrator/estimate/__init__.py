@@ -47,9 +47,10 @@ class DeviceSpec:
     """What the estimates need to know about one accelerator (or the CPU)."""
 
     name: str
-    peak_tflops: float
+    peak_tflops: float                                 # peak dense TFLOP/s in `dtype`
     vram_gb: Optional[float]
     mfu_override: Optional[dict[str, float]] = None    # per method, for devices the MFU curves do not describe
+    dtype: str = "bfloat16"                            # what the recipe trains in here (contract/execution.py)
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,8 @@ class Calibration:
             "overheads": self.overheads.model_dump(exclude={"source"}),
             "preemption": {"default": self.preemption_default.model_dump(),
                            **{p: v.model_dump() for p, v in sorted(self.preemption_providers.items())}},
-            "throughput_scaling": "MFU measured on the reference GPU, applied to each GPU's peak dense bf16 TFLOP/s",
+            "throughput_scaling": "MFU measured on the reference GPU, applied to each GPU's peak dense TFLOP/s in the "
+                                  "dtype the recipe trains in there (bf16; fp32 on GPUs without bf16)",
             "sources": dict(self.sources),
         }
 
@@ -110,9 +112,11 @@ def calibration_from_data(calibration: CalibrationFile | dict, preemption: Preem
         preemption = validate(preemption, PreemptionFile, display_path(PREEMPTION_PATH))
     tp = calibration.throughput
     slowdown = tp.qlora_slowdown.fp32_upcast if calibration.recipe.qlora_fp32_upcast else tp.qlora_slowdown.bf16
-    devices = {name: DeviceSpec(name, s.bf16_tflops, s.vram_gb) for name, s in gpu_specs.items()}
+    # Priced in the dtype the recipe trains in: bf16, else fp32 at the GPU's fp32 rate (no fp16).
+    devices = {name: DeviceSpec(name, s.bf16_tflops, s.vram_gb) if s.bf16 else
+               DeviceSpec(name, s.fp32_tflops, s.vram_gb, dtype="float32") for name, s in gpu_specs.items()}
     for name, d in calibration.devices.items():
-        devices[name] = DeviceSpec(name, d.peak_tflops, d.vram_gb, mfu_override=dict(d.mfu) or None)
+        devices[name] = DeviceSpec(name, d.peak_tflops, d.vram_gb, mfu_override=dict(d.mfu) or None, dtype=d.dtype)
     mfu = {"full": tp.mfu.full, "lora": tp.mfu.lora}
     sources = {
         "recipe": calibration.recipe.source,

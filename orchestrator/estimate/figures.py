@@ -97,9 +97,19 @@ class ThroughputFigures(DataModel):
 class DeviceFigures(DataModel):
     """A device outside the catalog's GPU table (this machine's CPU), with its own measured MFU."""
 
-    peak_tflops: PositiveReal
+    peak_tflops: PositiveReal                  # in `dtype`
     vram_gb: Optional[PositiveReal] = None     # None: memory is not checked (host RAM)
+    dtype: Literal["bfloat16", "float32"] = "float32"   # what the recipe trains in there: fp32 on the CPU
     mfu: dict[Method, PositiveNumber] = Field(default_factory=dict)
+    source: str
+
+
+class LocalStartup(DataModel):
+    """A local run's billed seconds outside training steps: process start, imports, data, model
+    build or load, first-step warm-up, final save and exit."""
+
+    seconds: Number                        # for a model too small to take time to load
+    model_load_gb_per_s: PositiveNumber    # reading 16-bit weights from local disk
     source: str
 
 
@@ -108,6 +118,7 @@ class Overheads(DataModel):
 
     setup_minutes: Number
     checkpoint_write_gb_per_s: PositiveNumber
+    local_startup: LocalStartup
     source: str
 
 
