@@ -88,6 +88,18 @@ class Sdk:
     def sky(self):
         return self._module()
 
+    def _bounded(self, what: str, fn: Callable[[], Any], on_timeout: Callable[[], None] = lambda: None) -> Any:
+        """fn() within timeouts[what]; a controller that is down, or any other failure, is one line."""
+        try:
+            return within(self.timeouts[what], what, fn, on_timeout)
+        except BackendError:
+            raise
+        except Exception as e:
+            down = _controller_down(e)
+            if down is not None:
+                raise down from None
+            raise BackendError(f"SkyPilot {what} failed: {first_line(e)}") from None
+
     def request(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Send one request and wait for its result, at most timeouts[what]; failures are one line."""
         sent: dict[str, Any] = {}
@@ -103,15 +115,7 @@ class Sdk:
                 except Exception:
                     pass
 
-        try:
-            return within(self.timeouts[what], what, send_and_get, cancel_on_server)
-        except BackendError:
-            raise
-        except Exception as e:
-            down = _controller_down(e)
-            if down is not None:
-                raise down from None
-            raise BackendError(f"SkyPilot {what} failed: {first_line(e)}") from None
+        return self._bounded(what, send_and_get, cancel_on_server)
 
     def log_lines(self, job_id: int, *, tail: Optional[int], tail_offset: int = 0) -> list[str]:
         """Lines of the managed job's log, the last `tail` before the last `tail_offset` (all with
@@ -126,15 +130,7 @@ class Sdk:
             chunks = self.sky.jobs.tail_logs(job_id=job_id, follow=False, preload_content=False, **kwargs)
             return list(whole_lines(chunks))
 
-        try:
-            return within(self.timeouts["logs"], "logs", read)
-        except BackendError:
-            raise
-        except Exception as e:
-            down = _controller_down(e)
-            if down is not None:
-                raise down from None
-            raise BackendError(f"SkyPilot logs failed: {first_line(e)}") from None
+        return self._bounded("logs", read)
 
     def stream_log(self, job_id: int, *, follow: bool) -> Iterator[str]:
         """The job's log as it arrives, for a person reading it. Without follow, a silence longer

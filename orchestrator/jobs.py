@@ -85,24 +85,27 @@ def hourly_price(spec: "JobSpec", price_per_hour: Optional[float]) -> Decimal:
     return Decimal(str(price))
 
 
-def make_job_plan(spec: "JobSpec", backend: Backend, price_per_hour: Optional[float] = None) -> "Plan":
+def make_job_plan(spec: "JobSpec", backend: Backend, price_per_hour: Optional[float] = None,
+                  calibration=None) -> "Plan":
     """The plan for running `spec` on `backend`: its own hardware at an hourly rate, or the catalog
-    offers the backend can launch (orchestrator/launchable.py), the others rejected with its reason."""
+    offers the backend can launch (orchestrator/launchable.py), the others rejected with its reason.
+    `calibration`: the shipped one with the ledger's fit (orchestrator/calibrate.py), else shipped."""
     from orchestrator import planner
     from orchestrator.launchable import launchable_plan
 
     if backend.pricing == "hourly":
         gpu, count, gib = hourly_device(spec, backend)
-        return planner.plan_local(spec, gpu, count, hourly_price(spec, price_per_hour), vram_gb=gib)
+        return planner.plan_local(spec, gpu, count, hourly_price(spec, price_per_hour), calibration, vram_gb=gib)
     if price_per_hour is not None:
         raise JobError(f"--price-per-hour applies to backends you pay by the hour (local, ray); "
                        f"{backend.name} prices come from the catalog")
     from orchestrator.catalog import load_managed_prices, load_offers
 
     offers, managed = load_offers(), load_managed_prices()
-    plan = planner.make_plan(spec, offers, managed)
+    plan = planner.make_plan(spec, offers, managed, calibration)
     with backend_errors(f"{spec.name} (plan)"):
-        plan = launchable_plan(spec, backend, plan, lambda keep: planner.make_plan(spec, offers, managed, keep=keep),
+        plan = launchable_plan(spec, backend, plan, lambda keep: planner.make_plan(spec, offers, managed, calibration,
+                                                                                   keep=keep),
                                keep=planner.KEEP_OPTIONS)
     if not plan.options:  # as the planner does when nothing fits: one line, the backend's reasons first
         choose_option(plan, None)

@@ -122,7 +122,20 @@ class Job(Base):
     run_dir: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
 
 
-class Estimate(Base):
+class ExecutionColumns:
+    """The execution config (contract/execution.py): on an estimate as planned, on an attempt as its
+    recipe's `start` event says it ran. NULL where it is not known (rows from before it was kept,
+    an attempt that has not started)."""
+
+    micro_batch: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    grad_accum: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    gradient_checkpointing: Mapped[Optional[bool]] = mapped_column(Boolean, nullable=True)
+    attention: Mapped[Optional[str]] = mapped_column(String(32), nullable=True)
+    dtype: Mapped[Optional[str]] = mapped_column(String(16), nullable=True)
+    sharding: Mapped[Optional[str]] = mapped_column(String(8), nullable=True)
+
+
+class Estimate(ExecutionColumns, Base):
     """What the planner said when the job was submitted. Inserted once, never updated."""
 
     __tablename__ = "estimates"
@@ -144,16 +157,9 @@ class Estimate(Base):
     expected_cost: Mapped[Decimal] = mapped_column(Money)
     total_tokens: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    # The chosen option's execution config, as planned (NULL for jobs recorded before it existed).
-    micro_batch: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
-    grad_accum: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
-    gradient_checkpointing: Mapped[Optional[bool]] = mapped_column(Boolean, nullable=True)
-    attention: Mapped[Optional[str]] = mapped_column(String(32), nullable=True)
-    dtype: Mapped[Optional[str]] = mapped_column(String(16), nullable=True)
-    sharding: Mapped[Optional[str]] = mapped_column(String(8), nullable=True)
 
 
-class Attempt(Base):
+class Attempt(ExecutionColumns, Base):
     __tablename__ = "attempts"
     __table_args__ = (UniqueConstraint("job_id", "n", name="uq_attempts_job_id_n"),)
 
@@ -177,13 +183,6 @@ class Attempt(Base):
     # "training", or "controller": what the backend's own machinery (SkyPilot's jobs controller) cost
     # over the job, as attempt 0, so every sum over attempts includes it.
     kind: Mapped[str] = mapped_column(String(16), default="training", server_default="training")
-    # The execution config this attempt ran, from its recipe's `start` event (NULL until it logged one).
-    micro_batch: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
-    grad_accum: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
-    gradient_checkpointing: Mapped[Optional[bool]] = mapped_column(Boolean, nullable=True)
-    attention: Mapped[Optional[str]] = mapped_column(String(32), nullable=True)
-    dtype: Mapped[Optional[str]] = mapped_column(String(16), nullable=True)
-    sharding: Mapped[Optional[str]] = mapped_column(String(8), nullable=True)
 
 
 class Checkpoint(Base):

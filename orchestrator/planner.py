@@ -25,7 +25,7 @@ from orchestrator.estimate.tokens import DatasetTokens, dataset_tokens, total_tr
 from orchestrator.architectures import ModelArch, model_tokenizer, resolve_architecture
 from orchestrator.execution import PinnedExecutionError, check_pinned, execution_for, pinned_allows
 from orchestrator.constraints import check_names
-from orchestrator.quote import CostLine, ManagedQuote, Offer, Option, Plan, Rejected
+from orchestrator.quote import CostLine, Interval, ManagedQuote, Offer, Option, Plan, Rejected
 
 KEEP_OPTIONS = 100          # options kept in a Plan (cheapest first); the count of all is in assumptions
 KEEP_REJECTED_PER_REASON = 10
@@ -279,16 +279,35 @@ def _reject_detail(miss: RejectedCandidate, c) -> str:
     return f"expected ${miss.cost:,.2f} is over the ${c.budget:,.2f} budget"
 
 
-def _option(rank: int, job: Job, candidate: Candidate, setup_hours: float) -> Option:
+def _interval(job: Job, candidate: Candidate, setup_hours: float, cost: Decimal, cal: Calibration) -> Interval:
+    """Training (and the preemption overhead, which scales with it) within the speed's error factor,
+    setup within its own; checkpoint writes as estimated. Cost is the price times those hours."""
+    g = candidate.group
+    speed, source = cal.speed_uncertainty(g.device.name, job.spec.method)
+    kind = "local" if candidate.offer.provider == LOCAL_PROVIDER else "cloud"
+    fit = cal.setup_fits.get(kind)
+    setup_error = fit.error_factor if fit is not None else (
+        cal.overheads.local_startup.error_factor if kind == "local" else cal.overheads.setup_error_factor)
+    scaled = g.train_hours + candidate.preemption_hours
+    low = scaled / speed + g.checkpoint_hours + setup_hours / setup_error
+    high = scaled * speed + g.checkpoint_hours + setup_hours * setup_error
+    # Bounds from the exact cost, so the point always lies inside its own interval.
+    return Interval(low, high, min(cost, _amount(candidate.price, low)), max(cost, _amount(candidate.price, high)),
+                    speed, source)
+
+
+def _option(rank: int, job: Job, candidate: Candidate, setup_hours: float, cal: Calibration) -> Option:
     g = candidate.group
     lines = _cost_lines(job, candidate, setup_hours)
+    cost = sum((line.amount for line in lines), Decimal(0))
     return Option(rank=rank, offer=candidate.offer, spot=candidate.spot, price_per_hour=candidate.price,
                   micro_batch=g.choice.micro_batch,
                   grad_accum=g.grad_accum, gradient_checkpointing=g.choice.gradient_checkpointing,
                   tokens_per_second=g.throughput.tokens_per_second, memory_gb_per_gpu=g.choice.memory.total_gib,
                   hours=candidate.base_hours, preemption_overhead_hours=candidate.preemption_hours,
-                  expected_cost=sum((line.amount for line in lines), Decimal(0)), lines=lines,
-                  execution=execution_for(candidate.offer, g.choice, g.grad_accum, g.device.dtype))
+                  expected_cost=cost, lines=lines,
+                  execution=execution_for(candidate.offer, g.choice, g.grad_accum, g.device.dtype),
+                  interval=_interval(job, candidate, setup_hours, cost, cal))
 
 
 
@@ -362,7 +381,7 @@ def _build_plan(job: Job, feasible: list[Candidate], rejected: list[RejectedCand
     # Only the kept few are fully sorted; ties on cost go to the shorter run, then by name.
     top = heapq.nsmallest(keep, feasible, key=lambda c: (c.cost, c.expected_hours))
     top.sort(key=lambda c: (c.cost, c.expected_hours, c.offer.provider, c.offer.region, c.offer.instance_type, c.spot))
-    options = tuple(_option(i + 1, job, c, setup_hours) for i, c in enumerate(top))
+    options = tuple(_option(i + 1, job, c, setup_hours, cal) for i, c in enumerate(top))
     kept_rejected, counts = _rejected(rejected, job.spec.constraints)
     assumptions = {
         "dataset": {"examples": job.dataset.examples, "tokens_per_epoch": job.dataset.tokens, "counted": job.dataset.how,

@@ -85,6 +85,27 @@ class CostLine:
 
 
 @dataclass(frozen=True)
+class Interval:
+    """The range an option's expected hours and cost lie in, and where its speed figure comes from."""
+
+    hours_low: float
+    hours_high: float
+    cost_low: Decimal
+    cost_high: Decimal
+    speed_error_factor: float      # tokens/s lies within predicted x/÷ this
+    speed_source: str              # "3 runs in your ledger", "shipped calibration"
+
+    def error_text(self) -> str:
+        f = self.speed_error_factor
+        return f"±{(f - 1) * 100:.0f} %" if f < 1.5 else f"x/÷ {f:.3g}"
+
+    def to_json(self) -> dict:
+        return {"hours": [round(self.hours_low, 4), round(self.hours_high, 4)],
+                "cost": [money_json(self.cost_low), money_json(self.cost_high)],
+                "speed_error_factor": round(self.speed_error_factor, 4), "speed_source": self.speed_source}
+
+
+@dataclass(frozen=True)
 class Option:
     """A feasible way to run the job: an offer, spot or not, with its estimate."""
 
@@ -104,6 +125,9 @@ class Option:
     # The whole config the price describes and the node runs (micro_batch, grad_accum and
     # gradient_checkpointing above are its fields, kept flat for readers of the plan's JSON).
     execution: Optional[ExecutionConfig] = None
+    # Where the speed figure comes from ("3 runs in your ledger", "shipped calibration") and the
+    # range the time and cost lie in given its known error; None on an Option built by hand.
+    interval: Optional["Interval"] = None
 
     def __post_init__(self) -> None:
         ex = self.execution
@@ -148,6 +172,7 @@ class Option:
             "grad_accum": self.grad_accum,
             "expected_hours": round(self.expected_hours, 4),
             "execution": self.execution.to_json(),
+            **({"interval": self.interval.to_json()} if self.interval is not None else {}),
             "lines": [{"item": l.item, "amount": money_json(l.amount), "formula": l.formula} for l in self.lines],
         }
 

@@ -133,7 +133,10 @@ def assert_refused(case: Case, code: int, stdout: str, stderr: str, *, only_line
     if not only_line:
         lines = [line for line in lines if line.startswith("error")]
     assert len(lines) == 1 and lines[0].startswith("error: "), where
-    assert stdout.strip() == "", where
+    if only_line:
+        assert stdout.strip() == "", where
+    else:  # the recipe's loading-phase log lines, and nothing else
+        assert all(re.match(r"\[ *[0-9.]+ s\] ", line) for line in stdout.splitlines() if line.strip()), where
     assert code == 2, where
     assert re.search(case.expect, lines[0]), f"{where}\nexpected to match: {case.expect}"
 

@@ -17,7 +17,7 @@ from orchestrator.cli import app
 from orchestrator.settings import GlobalOptions, global_options
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("plan", "catalog", "launch", "status", "logs", "cancel", "resume", "ledger")
+COMMANDS = ("plan", "catalog", "launch", "status", "logs", "cancel", "resume", "ledger", "calibrate")
 
 
 def invoke(*args: str, env: dict | None = None):

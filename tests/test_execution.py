@@ -95,7 +95,10 @@ def test_gpus_without_bf16_are_priced_at_the_fp32_rate_the_recipe_runs():
     assert fp32.weights == pytest.approx(2 * bf16.weights, rel=0.01)
     assert fp32.activations > 1.9 * bf16.activations
     t4_option = next(o for o in make_plan(spec(), OFFERS, ()).options if o.offer.gpu == "T4")
-    assert t4_option.tokens_per_second == pytest.approx(priced) and t4_option.execution.dtype == "float32"
+    # The plan prices the micro-batch it runs, so QLoRA's dequantization per micro-step is in its figure too.
+    ran = dict(args, gradient_checkpointing=t4_option.gradient_checkpointing, micro_batch=t4_option.micro_batch)
+    assert t4_option.tokens_per_second == pytest.approx(estimate_throughput(arch, "qlora", device=t4, **ran).tokens_per_second)
+    assert t4_option.execution.dtype == "float32"
 
 
 def test_lora_on_several_gpus_keeps_the_whole_base_on_each_as_ddp_does():

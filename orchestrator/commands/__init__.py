@@ -5,7 +5,7 @@ that `spotune --help` starts fast and never imports torch or sky.
 """
 import importlib
 
-AREAS = ("plan", "catalog", "jobs", "ledger")
+AREAS = ("plan", "catalog", "jobs", "ledger", "calibrate")
 
 
 def register_all(app) -> None:

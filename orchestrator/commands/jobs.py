@@ -122,7 +122,10 @@ def launch(
         raise jobs.JobError("--simulate-preemptions must be 0 or more")
     chosen_backend = jobs.make_backend(backend, _state_dir(ctx), simulate_preemptions=simulate_preemptions, hard=hard,
                                        seed=seed, restart_seconds=restart_seconds)
-    plan = jobs.make_job_plan(job_spec, chosen_backend, price_per_hour)
+    from orchestrator.calibrate import fitted_calibration
+
+    # The ledger's fit (`spotune calibrate`), as `spotune plan` uses it: the estimate recorded is the one shown.
+    plan = jobs.make_job_plan(job_spec, chosen_backend, price_per_hour, fitted_calibration(_state_dir(ctx)))
     chosen = jobs.choose_option(plan, option)
     console.print(phrases([f"[bold]plan[/] {plan.job}: {plan.model_name} {plan.method}, {plan.total_tokens:,} tokens",
                            f"option {chosen.rank} of {len(plan.options)}: {chosen.placement.label()}",

@@ -18,20 +18,21 @@ DEFAULT_TOP = 10
 SHOW_REJECTED = 5
 
 
-def _load(spec_path: Path, backend=None, price_per_hour: Optional[float] = None):
+def _load(spec_path: Path, backend=None, price_per_hour: Optional[float] = None, calibration=None):
     """The spec and its plan: for `backend` exactly as `spotune launch` plans it (this machine at
-    its hourly price, for local and ray), else every catalog offer ranked."""
+    its hourly price, for local and ray), else every catalog offer ranked. `calibration`: with the
+    ledger's fit where `spotune calibrate` wrote one."""
     from contract.spec import load_spec
 
     spec = load_spec(spec_path)
     if backend is not None:
         from orchestrator.jobs import make_job_plan
 
-        return spec, make_job_plan(spec, backend, price_per_hour)
+        return spec, make_job_plan(spec, backend, price_per_hour, calibration)
     from orchestrator.catalog import load_managed_prices, load_offers
     from orchestrator.planner import make_plan
 
-    return spec, make_plan(spec, load_offers(), load_managed_prices())
+    return spec, make_plan(spec, load_offers(), load_managed_prices(), calibration)
 
 
 def _gpu(o) -> str:
@@ -50,20 +51,42 @@ def _table(**kw):
     return Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, title_justify="left", **kw)
 
 
+def _cost_range(o) -> str:
+    i = o.interval
+    return "" if i is None else f"{usd(i.cost_low)}-{usd(i.cost_high)}"
+
+
+def _print_sources(console, options, method: str) -> None:
+    """Where each speed figure shown comes from, once per device and source, and the best option's range."""
+    seen = {}
+    for o in options:
+        if o.interval is not None:
+            seen.setdefault((o.execution.gpu, o.interval.speed_source), o.interval)
+    for (gpu, source), i in seen.items():
+        console.print(f"  {gpu} {method} speed: {source}, {i.error_text()}", markup=False, style="dim")
+    best = options[0] if options else None
+    if best is not None and best.interval is not None:
+        i = best.interval
+        console.print(f"  option {best.rank}: {best.expected_hours:.3g} h ({i.hours_low:.3g} to {i.hours_high:.3g} h), "
+                      f"{usd(best.expected_cost)} ({usd(i.cost_low)} to {usd(i.cost_high)})", markup=False)
+
+
 def _print_options(console, plan, top: int) -> None:
     console.print(_headline(plan), markup=False)
     console.print(plan.catalog_snapshot, markup=False, style="dim")
     table = _table(padding=(0, 1, 0, 1))
     for col, justify in (("#", "right"), ("where", "left"), ("GPU", "left"), ("spot", "left"), ("$/h", "right"),
-                         ("tokens/s", "right"), ("hours", "right"), ("cost", "right"), ("GB/GPU", "right")):
+                         ("tokens/s", "right"), ("hours", "right"), ("cost", "right"), ("cost range", "right"),
+                         ("GB/GPU", "right")):
         # Figures never wrap; a long place name folds instead.
         table.add_column(col, justify=justify, no_wrap=col != "where", overflow="fold",
                          min_width=14 if col == "where" else None)
     for o in plan.options[:top]:
         table.add_row(str(o.rank), f"{o.offer.provider} {region_label(o.offer.region)}", _gpu(o),
                       "spot" if o.spot else "", f"{o.price_per_hour}", f"{o.tokens_per_second:,.0f}",
-                      hours(o.expected_hours), usd(o.expected_cost), f"{o.memory_gb_per_gpu:.1f}")
+                      hours(o.expected_hours), usd(o.expected_cost), _cost_range(o), f"{o.memory_gb_per_gpu:.1f}")
     console.print(table)
+    _print_sources(console, plan.options[:top], plan.method)
     feasible = plan.assumptions.get("feasible_options", len(plan.options))
     if feasible > top:
         console.print(f"  ... {feasible - top:,} more feasible options (--top N shows more)")
@@ -138,6 +161,9 @@ def _print_assumptions(console, plan) -> None:
     from rich.text import Text
 
     console.print("speed and memory: calibrated on H100 anchors (orchestrator/estimate/calibration.yaml);", markup=False)
+    for f in calibration.get("ledger_fit", {}).get("speed", ()):
+        console.print(f"  {f['device']} {f['method']} speed x {f['factor']:.4g}: fitted to {f['runs']} run(s) in your "
+                      f"ledger by `spotune calibrate`", markup=False)
     if calibration.get("throughput_scaling"):
         console.print(Padding(Text(str(calibration["throughput_scaling"])), (0, 0, 0, 2)))
 
@@ -242,8 +268,12 @@ def plan_command(
         from contract.errors import UserError
 
         raise UserError("--price-per-hour applies with --backend local or ray (your own hardware at an hourly price)")
-    job_spec, plan = _load(spec, chosen_backend, price_per_hour)
-    other = _load(diff, chosen_backend, price_per_hour)[1] if diff is not None else None
+    from orchestrator.calibrate import fitted_calibration
+    from orchestrator.settings import global_options
+
+    cal = fitted_calibration(global_options(ctx).state_path())
+    job_spec, plan = _load(spec, chosen_backend, price_per_hour, cal)
+    other = _load(diff, chosen_backend, price_per_hour, cal)[1] if diff is not None else None
     names = spec_names(spec, diff) if diff is not None else None
     if as_json:
         out = plan.to_json()

@@ -16,7 +16,7 @@ from typing import Optional
 
 from orchestrator.datafile import display_path, load_data_file, validate
 from orchestrator.estimate.figures import (CalibrationFile, MicroStepFloor, Overheads, PreemptionFile, PreemptionRisk,
-                                           RecipeFigures, RuntimeFigures)
+                                           QloraDequantization, RecipeFigures, RuntimeFigures)
 
 HERE = Path(__file__).parent
 CALIBRATION_PATH = HERE / "calibration.yaml"
@@ -51,6 +51,32 @@ class DeviceSpec:
     vram_gb: Optional[float]
     mfu_override: Optional[dict[str, float]] = None    # per method, for devices the MFU curves do not describe
     dtype: str = "bfloat16"                            # what the recipe trains in here (contract/execution.py)
+    speed_error: Optional[float] = None                # its own known error factor (CPU), else the method's
+    memory_bandwidth_gbs: Optional[float] = None       # peak; QLoRA's dequantization is bound by it
+
+
+@dataclass(frozen=True)
+class SpeedFit:
+    """Measured over predicted tokens/s for one (device, method), fitted from ledger runs
+    (orchestrator/calibrate.py): predictions are multiplied by `factor`, and the truth lies within
+    x/÷ `error_factor` of them."""
+
+    device: str
+    method: str
+    factor: float
+    error_factor: float
+    runs: int
+    outliers: int = 0
+
+
+@dataclass(frozen=True)
+class SetupFit:
+    """Billed seconds outside training steps, fitted from ledger runs: `local` start-up (without the
+    model load term) or cloud `setup`."""
+
+    seconds: float
+    error_factor: float
+    runs: int
 
 
 @dataclass(frozen=True)
@@ -60,7 +86,7 @@ class Calibration:
     recipe: RecipeFigures
     runtime: RuntimeFigures
     mfu: dict[str, Curve]                  # method -> Curve (full, lora; QLoRA derives from lora)
-    qlora_slowdown: Curve
+    qlora_slowdown: Curve                  # with the fp32 upcast; a flat 1.0 without (the mechanism below)
     multi_gpu_efficiency: dict[int, float]  # gpu count -> efficiency
     micro_step_floor: MicroStepFloor
     devices: dict[str, DeviceSpec]          # catalog GPUs plus local devices
@@ -68,6 +94,27 @@ class Calibration:
     preemption_default: PreemptionRisk
     preemption_providers: dict[str, PreemptionRisk]
     sources: dict = field(default_factory=dict)
+    speed_error: dict = field(default_factory=dict)    # method -> shipped error factor
+    speed_fits: dict = field(default_factory=dict)     # (device, method) -> SpeedFit from the ledger
+    setup_fits: dict = field(default_factory=dict)     # "local" / "cloud" -> SetupFit from the ledger
+    qlora_dequantization: Optional[QloraDequantization] = None   # None with the fp32 upcast (in its slowdown)
+
+    def speed_factor(self, device: str, method: str) -> float:
+        fit = self.speed_fits.get((device, method))
+        return fit.factor if fit is not None else 1.0
+
+    def speed_uncertainty(self, device: str, method: str) -> tuple[float, str]:
+        """(error factor, where the speed figure comes from) for quotes: the ledger fit, else shipped."""
+        fit = self.speed_fits.get((device, method))
+        if fit is not None:
+            runs = f"{fit.runs} run{'s' if fit.runs != 1 else ''} in your ledger"
+            if fit.outliers:
+                runs += f" ({fit.outliers} outlier{'s' if fit.outliers != 1 else ''} left out)"
+            return fit.error_factor, runs
+        spec = self.devices.get(device)
+        if spec is not None and spec.speed_error is not None:
+            return spec.speed_error, "shipped calibration"
+        return self.speed_error.get(method, 1.0), "shipped calibration"
 
     def device(self, name: str) -> Optional[DeviceSpec]:
         return self.devices.get(name)
@@ -87,6 +134,8 @@ class Calibration:
             "runtime": self.runtime.model_dump(exclude={"source"}),
             "mfu": {m: [list(p) for p in c.points] for m, c in self.mfu.items()},
             "qlora_slowdown": [list(p) for p in self.qlora_slowdown.points],
+            "qlora_dequantization": (self.qlora_dequantization.model_dump(exclude={"source"})
+                                     if self.qlora_dequantization else None),
             "multi_gpu_efficiency": {str(k): v for k, v in sorted(self.multi_gpu_efficiency.items())},
             "micro_step_floor": self.micro_step_floor.model_dump(exclude={"source"}),
             "overheads": self.overheads.model_dump(exclude={"source"}),
@@ -95,6 +144,9 @@ class Calibration:
             "throughput_scaling": "MFU measured on the reference GPU, applied to each GPU's peak dense TFLOP/s in the "
                                   "dtype the recipe trains in there (bf16; fp32 on GPUs without bf16)",
             "sources": dict(self.sources),
+            "speed_error": dict(self.speed_error),
+            "ledger_fit": {"speed": [vars(f) for _, f in sorted(self.speed_fits.items())],
+                           "setup": {k: vars(f) for k, f in sorted(self.setup_fits.items())}},
         }
 
 
@@ -111,28 +163,33 @@ def calibration_from_data(calibration: CalibrationFile | dict, preemption: Preem
     if not isinstance(preemption, PreemptionFile):
         preemption = validate(preemption, PreemptionFile, display_path(PREEMPTION_PATH))
     tp = calibration.throughput
-    slowdown = tp.qlora_slowdown.fp32_upcast if calibration.recipe.qlora_fp32_upcast else tp.qlora_slowdown.bf16
+    upcast = calibration.recipe.qlora_fp32_upcast
     # Priced in the dtype the recipe trains in: bf16, else fp32 at the GPU's fp32 rate (no fp16).
-    devices = {name: DeviceSpec(name, s.bf16_tflops, s.vram_gb) if s.bf16 else
-               DeviceSpec(name, s.fp32_tflops, s.vram_gb, dtype="float32") for name, s in gpu_specs.items()}
+    devices = {name: DeviceSpec(name, s.bf16_tflops, s.vram_gb, memory_bandwidth_gbs=s.memory_bandwidth_gbs) if s.bf16 else
+               DeviceSpec(name, s.fp32_tflops, s.vram_gb, dtype="float32", memory_bandwidth_gbs=s.memory_bandwidth_gbs)
+               for name, s in gpu_specs.items()}
     for name, d in calibration.devices.items():
-        devices[name] = DeviceSpec(name, d.peak_tflops, d.vram_gb, mfu_override=dict(d.mfu) or None, dtype=d.dtype)
+        devices[name] = DeviceSpec(name, d.peak_tflops, d.vram_gb, mfu_override=dict(d.mfu) or None, dtype=d.dtype,
+                                   speed_error=d.speed_error.factor if d.speed_error else None)
     mfu = {"full": tp.mfu.full, "lora": tp.mfu.lora}
     sources = {
         "recipe": calibration.recipe.source,
         "runtime": calibration.runtime.source,
         "mfu": {m: [p.source for p in points] for m, points in mfu.items()},
-        "qlora_slowdown": [p.source for p in slowdown],
+        "qlora_slowdown": ([p.source for p in tp.qlora_slowdown.fp32_upcast] if upcast
+                           else tp.qlora_dequantization.source),
         "multi_gpu_efficiency": tp.multi_gpu_efficiency.source,
         "micro_step_floor": tp.micro_step_floor.source,
         "devices": {n: d.source for n, d in calibration.devices.items()},
         "overheads": calibration.overheads.source,
+        "speed_error": {m: e.source for m, e in tp.speed_error.items()},
     }
     return Calibration(
         recipe=calibration.recipe,
         runtime=calibration.runtime,
         mfu={m: _curve(points, "mfu") for m, points in mfu.items()},
-        qlora_slowdown=_curve(slowdown, "factor"),
+        qlora_slowdown=_curve(tp.qlora_slowdown.fp32_upcast, "factor") if upcast else Curve(((1.0, 1.0),)),
+        qlora_dequantization=None if upcast else tp.qlora_dequantization,
         multi_gpu_efficiency=dict(tp.multi_gpu_efficiency.counts),
         micro_step_floor=tp.micro_step_floor,
         devices=devices,
@@ -140,6 +197,7 @@ def calibration_from_data(calibration: CalibrationFile | dict, preemption: Preem
         preemption_default=preemption.default,
         preemption_providers=dict(preemption.providers),
         sources=sources,
+        speed_error={m: e.factor for m, e in tp.speed_error.items()},
     )
 
 

@@ -66,10 +66,21 @@ class MfuByMethod(DataModel):
 
 
 class QloraSlowdown(DataModel):
-    """QLoRA time per token over LoRA's, with and without prepare_model_for_kbit_training's fp32 upcast."""
+    """QLoRA time per token over LoRA's with prepare_model_for_kbit_training's fp32 upcast (the
+    anchors' naive loop); without it, QloraDequantization models the cost from its mechanism."""
 
     fp32_upcast: list[SlowdownPoint] = Field(min_length=1)
-    bf16: list[SlowdownPoint] = Field(min_length=1)
+
+
+class QloraDequantization(DataModel):
+    """QLoRA without the fp32 upcast runs LoRA's bf16 matmuls plus, on every pass over a layer, one
+    dequantization of its NF4 linear weights to bf16: a memory-bound kernel, bytes over bandwidth."""
+
+    bytes_per_param: PositiveReal        # read NF4 and its constants, write the bf16 copy
+    passes: int = Field(ge=1)             # per micro-step without gradient checkpointing
+    recompute_passes: int = Field(ge=0)   # added by gradient checkpointing
+    bandwidth_efficiency: PositiveReal    # achieved / peak memory bandwidth
+    source: str
 
 
 class MicroStepFloor(DataModel):
@@ -85,13 +96,23 @@ class MultiGpuEfficiency(DataModel):
     source: str
 
 
+class SpeedError(DataModel):
+    """How far the shipped speed model can be off, as a factor: the truth lies within predicted
+    x/÷ factor. The planner's interval with no ledger history."""
+
+    factor: PositiveReal
+    source: str
+
+
 class ThroughputFigures(DataModel):
     reference_gpu: str
     reference_peak_tflops: PositiveReal
     mfu: MfuByMethod
     qlora_slowdown: QloraSlowdown
+    qlora_dequantization: QloraDequantization
     micro_step_floor: MicroStepFloor
     multi_gpu_efficiency: MultiGpuEfficiency
+    speed_error: dict[Method, SpeedError] = Field(default_factory=dict)
 
 
 class DeviceFigures(DataModel):
@@ -101,6 +122,7 @@ class DeviceFigures(DataModel):
     vram_gb: Optional[PositiveReal] = None     # None: memory is not checked (host RAM)
     dtype: Literal["bfloat16", "float32"] = "float32"   # what the recipe trains in there: fp32 on the CPU
     mfu: dict[Method, PositiveNumber] = Field(default_factory=dict)
+    speed_error: Optional[SpeedError] = None   # this device's own, over the methods' GPU figures
     source: str
 
 
@@ -110,6 +132,7 @@ class LocalStartup(DataModel):
 
     seconds: Number                        # for a model too small to take time to load
     model_load_gb_per_s: PositiveNumber    # reading 16-bit weights from local disk
+    error_factor: PositiveReal = 1.0   # start-up lies within seconds x/÷ this
     source: str
 
 
@@ -117,6 +140,7 @@ class Overheads(DataModel):
     """Time billed outside training steps."""
 
     setup_minutes: Number
+    setup_error_factor: PositiveReal = 1.0   # setup lies within minutes x/÷ this
     checkpoint_write_gb_per_s: PositiveNumber
     local_startup: LocalStartup
     source: str

@@ -6,6 +6,10 @@
 capped by a fixed least time per micro-step (eager PyTorch overhead), which only binds for models
 far smaller than the anchors.
 
+QLoRA (without the fp32 upcast) adds its NF4 dequantization per micro-step: bytes over memory
+bandwidth (calibration.yaml qlora_dequantization), so its cost per token falls as micro-batch x
+seq_len grows.
+
 FLOPs per token follow the anchors' accounting: 6N for full fine-tuning (forward 2N, backward
 4N), 4N with a frozen base (no weight gradients), plus causal attention 6 x layers x hidden x
 seq, plus a recomputed forward (2N) with gradient checkpointing. MFU is measured on the
@@ -49,28 +53,55 @@ class ThroughputEstimate:
     scaling: float
     floor_seconds: float = 0.0      # the micro-step floor, when it (not compute) sets the speed
     micro_step_tokens: int = 0
+    fitted_factor: float = 1.0      # measured / predicted from the ledger's runs (orchestrator/calibrate.py)
+    dequantization_seconds: float = 0.0   # QLoRA: NF4 -> bf16 per micro-step, added to the compute time
 
     def formula(self) -> str:
+        fitted = f" x {self.fitted_factor:.4g} fitted to your runs" if self.fitted_factor != 1.0 else ""
         if self.floor_seconds:
             return (f"{self.micro_step_tokens:,} tokens per micro-step x {self.gpu_count} GPU x {self.scaling:g} "
-                    f"scaling / {self.floor_seconds:.3f} s least micro-step time = {self.tokens_per_second:,.0f} tokens/s")
+                    f"scaling / {self.floor_seconds:.3f} s least micro-step time{fitted} = {self.tokens_per_second:,.0f} tokens/s")
+        dequant = (f" + {self.dequantization_seconds * 1000:.3g} ms NF4 dequantization per {self.micro_step_tokens:,}-token "
+                   f"micro-step" if self.dequantization_seconds else "")
         return (f"{self.peak_tflops_per_gpu:g} TFLOP/s x {self.gpu_count} GPU x {self.scaling:g} scaling x "
-                f"MFU {self.mfu:.3f} / {self.flops_per_token / 1e9:.4g} GFLOP per token "
+                f"MFU {self.mfu:.3f} / {self.flops_per_token / 1e9:.4g} GFLOP per token{dequant}{fitted} "
                 f"= {self.tokens_per_second:,.0f} tokens/s")
 
 
 def estimate_throughput(arch: ModelArch, method: str, *, seq_len: int, gradient_checkpointing: bool,
                         device: DeviceSpec, gpu_count: int, cal: Calibration,
-                        micro_batch: Optional[int] = None) -> ThroughputEstimate:
-    """`micro_batch` (per GPU) enables the micro-step floor; without it, compute alone sets the speed."""
+                        micro_batch: Optional[int] = None, fitted: bool = True) -> ThroughputEstimate:
+    """`micro_batch` (per GPU) enables the micro-step floor; without it, compute alone sets the speed.
+    `fitted`: scale by the ledger fit for this device and method where `cal` carries one (the
+    fit itself compares runs against the unfitted prediction)."""
     fpt = flops_per_token(arch, method, seq_len, gradient_checkpointing)
     mfu = model_flops_utilisation(arch, method, cal, device)
     scaling = cal.scaling(gpu_count)
+    factor = cal.speed_factor(device.name, method) if fitted else 1.0
     tps = device.peak_tflops * 1e12 * gpu_count * scaling * mfu / fpt
+    dequant = dequantization_seconds(arch, method, gradient_checkpointing, device, cal) if micro_batch else 0.0
+    if dequant:   # per GPU: each one dequantizes its own copy of the frozen base every micro-step
+        tokens = micro_batch * seq_len * gpu_count * scaling
+        tps = tokens / (tokens / tps + dequant)
     if micro_batch:
         tokens = micro_batch * seq_len
         floor = cal.micro_step_floor.seconds + cal.micro_step_floor.seconds_per_layer * arch.layers
         capped = tokens * gpu_count * scaling / floor
         if capped < tps:
-            return ThroughputEstimate(capped, fpt, mfu, device.peak_tflops, gpu_count, scaling, floor, tokens)
-    return ThroughputEstimate(tps, fpt, mfu, device.peak_tflops, gpu_count, scaling)
+            return ThroughputEstimate(capped * factor, fpt, mfu, device.peak_tflops, gpu_count, scaling, floor, tokens,
+                                      factor)
+    return ThroughputEstimate(tps * factor, fpt, mfu, device.peak_tflops, gpu_count, scaling,
+                              micro_step_tokens=micro_batch * seq_len if micro_batch else 0, fitted_factor=factor,
+                              dequantization_seconds=dequant)
+
+
+def dequantization_seconds(arch: ModelArch, method: str, gradient_checkpointing: bool, device: DeviceSpec,
+                           cal: Calibration) -> float:
+    """QLoRA's NF4 -> bf16 dequantization of every linear weight, once per pass, per micro-step:
+    memory-bound, so bytes over bandwidth (0 for other methods, with the fp32 upcast, whose
+    measured slowdown includes it, and on devices with their own measured MFU)."""
+    d = cal.qlora_dequantization
+    if method != "qlora" or d is None or not device.memory_bandwidth_gbs or device.mfu_override:
+        return 0.0
+    passes = d.passes + (d.recompute_passes if gradient_checkpointing else 0)
+    return passes * d.bytes_per_param * arch.linear_params / (device.memory_bandwidth_gbs * 1e9 * d.bandwidth_efficiency)
