@@ -461,7 +461,8 @@ def test_skypilot_launches_exported_bundled_offers_at_the_planners_price(tmp_pat
 def run_cli(*args):
     from orchestrator.cli import app
 
-    return CliRunner().invoke(app, ["catalog", *args])
+    # A wide terminal: at 80 columns the table drops its instance column (--json keeps it).
+    return CliRunner().invoke(app, ["catalog", *args], env={"COLUMNS": "160"})
 
 
 def test_cli_filters_by_gpu_and_provider_sorted_by_price_per_gpu_hour(sky_home):
