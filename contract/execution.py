@@ -48,7 +48,8 @@ class ExecutionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     gpu: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")  # catalog GPU name, CPU, or the hardware's
-    gpu_count: int = Field(ge=1, le=4_096)  # training processes (GPUs) on the instance
+    gpu_count: int = Field(ge=1, le=4_096)  # training processes (GPUs) on each node
+    num_nodes: int = Field(1, ge=1, le=1_024)  # nodes training together; world size = gpu_count x num_nodes
     micro_batch: int = Field(ge=1, le=65_536)  # packed sequences per GPU per forward
     grad_accum: int = Field(ge=1, le=65_536)
     gradient_checkpointing: bool
@@ -61,25 +62,33 @@ class ExecutionConfig(BaseModel):
     needs_free_gib: Optional[float] = Field(None, gt=0, le=1e6)
     activations_gib: Optional[float] = Field(None, ge=0, le=1e6)
 
+    @property
+    def world_size(self) -> int:
+        """Training processes over all nodes: what the global batch is split over."""
+        return self.gpu_count * self.num_nodes
+
     @model_validator(mode="after")
     def _consistent(self) -> "ExecutionConfig":
-        if self.sharding == "none" and self.gpu_count > 1:
-            raise ValueError(f"sharding 'none' cannot train on {self.gpu_count} GPUs (ddp or fsdp)")
-        if self.sharding != "none" and self.gpu_count == 1:
+        if self.sharding == "none" and self.world_size > 1:
+            raise ValueError(f"sharding 'none' cannot train on {self.world_size} GPUs (ddp or fsdp)")
+        if self.sharding != "none" and self.world_size == 1:
             raise ValueError(f"sharding '{self.sharding}' needs more than one GPU")
         if self.activations_gib is not None and (self.needs_free_gib is None or self.activations_gib > self.needs_free_gib):
             raise ValueError("activations_gib is part of needs_free_gib and cannot exceed it")
         return self
 
     def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude_none=True)
+        # One node is the default and stays unwritten, so single-node specs and events read as before.
+        return self.model_dump(mode="json", exclude_none=True, exclude={"num_nodes"} if self.num_nodes == 1 else None)
 
     def ran(self) -> dict[str, Any]:
         """The fields that say what ran (no memory hints): the start event's and the ledger's."""
-        return self.model_dump(mode="json", exclude={"needs_free_gib", "activations_gib"})
+        hints = {"needs_free_gib", "activations_gib"}
+        return self.model_dump(mode="json", exclude=hints | {"num_nodes"} if self.num_nodes == 1 else hints)
 
     def describe(self) -> str:
         """1xH100: micro-batch 4 x 8 accumulation, checkpointing off, sdpa, bfloat16."""
-        return (f"{self.gpu_count}x{self.gpu}: micro-batch {self.micro_batch} x {self.grad_accum} accumulation, "
+        nodes = f"{self.num_nodes} nodes x " if self.num_nodes > 1 else ""
+        return (f"{nodes}{self.gpu_count}x{self.gpu}: micro-batch {self.micro_batch} x {self.grad_accum} accumulation, "
                 f"checkpointing {'on' if self.gradient_checkpointing else 'off'}, {self.attention}, {self.dtype}"
                 + (f", {self.sharding}" if self.sharding != "none" else ""))

@@ -1,8 +1,10 @@
-"""Placement: where an attempt runs (provider, region, instance, GPUs, spot) and its hourly price.
+"""Placement: where an attempt runs (provider, region, instance, GPUs, nodes, spot) and its hourly price.
 
 One value object from the plan's chosen option to the backend, the ledger and the CLI, with
-one serialisation (`to_json` / `from_json`). The price is the whole instance's USD/h, kept as a
-Decimal string so it round-trips exactly.
+one serialisation (`to_json` / `from_json`). `gpu_count` is the GPUs on each node and
+`num_nodes` the instances of that type that train together. The price is what all of them cost
+together in USD/h (num_nodes x the instance's price), kept as a Decimal string so it round-trips
+exactly: an attempt costs wall hours x price_per_hour however many nodes it spans.
 """
 from __future__ import annotations
 
@@ -20,6 +22,16 @@ class Placement:
     spot: bool
     price_per_hour: Decimal
     instance_type: Optional[str] = None
+    num_nodes: int = 1
+
+    @property
+    def node_price_per_hour(self) -> Decimal:
+        """One instance's USD/h."""
+        return self.price_per_hour / self.num_nodes
+
+    @property
+    def total_gpus(self) -> int:
+        return self.gpu_count * self.num_nodes
 
     def columns(self) -> dict[str, Any]:
         """The fields by name, price as Decimal: what a ledger row or a record stores."""
@@ -38,11 +50,13 @@ class Placement:
         return cls(provider=str(d["provider"]), region=str(d["region"]), gpu=str(d["gpu"]),
                    gpu_count=int(d["gpu_count"]), spot=bool(d["spot"]),
                    price_per_hour=Decimal(str(d["price_per_hour"])),
-                   instance_type=d.get("instance_type"))
+                   instance_type=d.get("instance_type"), num_nodes=int(d.get("num_nodes", 1)))
 
     def label(self, with_price: bool = True) -> str:
-        """aws/us-east-1 2xH100 spot at $4.10/h; local/this-machine CPU."""
+        """aws/us-east-1 2xH100 spot at $4.10/h; aws/us-east-1 4 nodes x 8xH100 at $...; local/this-machine CPU."""
         count = f"{self.gpu_count}x" if self.gpu_count > 1 else ""
+        if self.num_nodes > 1:
+            count = f"{self.num_nodes} nodes x {self.gpu_count}x"
         kind = " spot" if self.spot else ""
         price = f" at ${self.price_per_hour:,.2f}/h" if with_price else ""
         return f"{self.provider}/{self.region} {count}{self.gpu}{kind}{price}"

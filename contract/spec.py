@@ -154,7 +154,9 @@ class Constraints(_Strict):
     max_price_per_hour: Optional[Money] = Field(None, gt=0)
     budget: Optional[Money] = Field(None, gt=0)
     deadline_hours: Optional[float] = Field(None, gt=0, le=100_000)
-    max_gpus: int = Field(8, ge=1, le=4_096)
+    max_gpus: int = Field(8, ge=1, le=4_096)    # on one node
+    # Nodes one job may span (FSDP/DDP over all their GPUs). 1 keeps every plan on one instance.
+    max_nodes: int = Field(1, ge=1, le=1_024)
 
 
 class LocalSpec(_Strict):
@@ -162,6 +164,17 @@ class LocalSpec(_Strict):
 
     price_per_hour: Money = Field(0.0, ge=0)
     gpu: Optional[Label] = None
+
+
+class RaySpec(_Strict):
+    """The Ray backend: what the cluster's nodes cost, and how Ray Train runs the recipe.
+
+    price_per_node_hour: USD/h by node type; a key is a Ray node's instance type (the
+    `ray.io/node-type` or `instance-type` label, or the accelerator it reports) or `default`.
+    """
+
+    price_per_node_hour: dict[Label, Money] = Field(default_factory=dict, max_length=MAX_LIST_ITEMS)
+    max_failures: int = Field(2, ge=0, le=100)
 
 
 class SkySpec(_Strict):
@@ -199,15 +212,17 @@ class TrainingSpec(_Strict):
         if fixed != "auto" and ex.gradient_checkpointing != fixed:
             raise ValueError(f"execution.gradient_checkpointing {str(ex.gradient_checkpointing).lower()} differs "
                              f"from train.gradient_checkpointing {str(fixed).lower()}")
-        if self.batch.global_ % ex.gpu_count:
-            raise ValueError(f"batch.global {self.batch.global_} does not split evenly over execution.gpu_count {ex.gpu_count}")
-        accum = grad_accum_for(self.batch.global_, ex.micro_batch, ex.gpu_count)
+        world = ex.world_size
+        if self.batch.global_ % world:
+            raise ValueError(f"batch.global {self.batch.global_} does not split evenly over {world} GPU(s) "
+                             "(execution.gpu_count x execution.num_nodes)")
+        accum = grad_accum_for(self.batch.global_, ex.micro_batch, world)
         if ex.grad_accum != accum:
             raise ValueError(f"execution.grad_accum must be {accum}: batch.global {self.batch.global_} over "
-                             f"micro-batch {ex.micro_batch} x {ex.gpu_count} GPU(s)")
-        sharding = sharding_for(self.method, ex.gpu_count)
+                             f"micro-batch {ex.micro_batch} x {world} GPU(s)")
+        sharding = sharding_for(self.method, world)
         if ex.sharding != sharding:
-            raise ValueError(f"execution.sharding must be '{sharding}' for method {self.method} on {ex.gpu_count} GPU(s)")
+            raise ValueError(f"execution.sharding must be '{sharding}' for method {self.method} on {world} GPU(s)")
         return self
 
     @field_validator("name")
@@ -250,6 +265,7 @@ class JobSpec(TrainingSpec):
     constraints: Constraints = Field(default_factory=Constraints)
     local: LocalSpec = Field(default_factory=LocalSpec)
     sky: SkySpec = Field(default_factory=SkySpec)
+    ray: RaySpec = Field(default_factory=RaySpec)
 
     def node_spec(self, data_path: Optional[str] = None, execution: Optional[ExecutionConfig] = None) -> dict[str, Any]:
         """The spec as the node reads it: self-contained, with data.path absolute (or `data_path`,

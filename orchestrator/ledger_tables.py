@@ -148,9 +148,10 @@ class Estimate(ExecutionColumns, Base):
     region: Mapped[str] = mapped_column(String(64))
     instance_type: Mapped[str] = mapped_column(String(128))
     gpu: Mapped[str] = mapped_column(String(64))
-    gpu_count: Mapped[int] = mapped_column(Integer)
+    gpu_count: Mapped[int] = mapped_column(Integer)                  # on each node
+    num_nodes: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     spot: Mapped[bool] = mapped_column(Boolean)
-    price_per_hour: Mapped[Decimal] = mapped_column(Money)
+    price_per_hour: Mapped[Decimal] = mapped_column(Money)           # all nodes together, USD/h
     tokens_per_second: Mapped[float] = mapped_column(Float)
     hours: Mapped[float] = mapped_column(Float)                      # compute hours, no preemption
     preemption_overhead_hours: Mapped[float] = mapped_column(Float)
@@ -170,9 +171,10 @@ class Attempt(ExecutionColumns, Base):
     region: Mapped[str] = mapped_column(String(64))
     instance_type: Mapped[Optional[str]] = mapped_column(String(128), nullable=True)
     gpu: Mapped[str] = mapped_column(String(64))
-    gpu_count: Mapped[int] = mapped_column(Integer)
+    gpu_count: Mapped[int] = mapped_column(Integer)                  # on each node
+    num_nodes: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     spot: Mapped[bool] = mapped_column(Boolean)
-    price_per_hour: Mapped[Decimal] = mapped_column(Money)           # whole instance, USD/h
+    price_per_hour: Mapped[Decimal] = mapped_column(Money)           # all nodes together, USD/h
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
     ended_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime, nullable=True)
     end_reason: Mapped[Optional[str]] = mapped_column(String(16), nullable=True)
@@ -293,6 +295,7 @@ class EstimateRecord:
     attention: Optional[str] = None
     dtype: Optional[str] = None
     sharding: Optional[str] = None
+    num_nodes: int = 1
 
     @property
     def expected_hours(self) -> float:
@@ -350,6 +353,7 @@ class AttemptRecord:
     dtype: Optional[str] = None
     sharding: Optional[str] = None
     kind: str = "training"      # contract.backend.AttemptKind: "controller" is the backend's own line, attempt 0
+    num_nodes: int = 1
 
     @property
     def placement(self) -> Placement:

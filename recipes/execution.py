@@ -31,10 +31,11 @@ class DeviceFacts:
 
     kind: str                       # "cuda" or "cpu"
     name: Optional[str]             # torch.cuda.get_device_name; None on the CPU
-    count: int                      # training processes (the world size)
+    count: int                      # training processes (the world size, over all nodes)
     bf16: bool
     flash_attention: bool           # flash-attn is installed and can run on this device
     free_gib: Optional[float] = None  # free memory on this GPU, with this process's CUDA context held
+    nodes: int = 1                  # nodes the world spans (torchrun/Ray Train: WORLD_SIZE / LOCAL_WORLD_SIZE)
 
 
 @dataclass(frozen=True)
@@ -106,9 +107,10 @@ def follow_plan(ex: ExecutionConfig, method: str, global_batch: int,
         deviate("gpu", f"planned {ex.gpu}; this node has {device.name}: the plan's config is kept, its speed "
                        "and memory figures were made for the other GPU", {"gpu": ex.gpu}, {"gpu": device.name})
     count = device.count
-    if count != ex.gpu_count:
-        deviate("gpu_count", f"planned {ex.gpu_count} training processes; this node runs {count}",
-                {"gpu_count": ex.gpu_count}, {"gpu_count": count})
+    if count != ex.world_size:
+        deviate("gpu_count", f"planned {ex.world_size} training processes; this run has {count}",
+                {"gpu_count": ex.gpu_count, "num_nodes": ex.num_nodes},
+                {"gpu_count": count // device.nodes, "num_nodes": device.nodes})
     dtype = ex.dtype
     if dtype == "bfloat16" and not device.bf16:
         dtype = "float32"
@@ -126,7 +128,8 @@ def follow_plan(ex: ExecutionConfig, method: str, global_batch: int,
             deviate("memory", why, {"micro_batch": ex.micro_batch, "gradient_checkpointing": ex.gradient_checkpointing},
                     {"micro_batch": micro, "gradient_checkpointing": checkpointing})
     running = ExecutionConfig(
-        gpu=gpu, gpu_count=count, micro_batch=micro, grad_accum=grad_accum_for(global_batch, micro, count),
+        gpu=gpu, gpu_count=count // device.nodes, num_nodes=device.nodes, micro_batch=micro,
+        grad_accum=grad_accum_for(global_batch, micro, count),
         gradient_checkpointing=checkpointing, attention=attention, dtype=dtype, sharding=sharding_for(method, count))
     return running, deviations
 
@@ -135,6 +138,7 @@ def recipe_decision(device: DeviceFacts, method: str, global_batch: int, micro_b
                     attention: str, dtype: str) -> ExecutionConfig:
     """The config the recipe's fallback chose (a spec without `execution:`), as one value."""
     return ExecutionConfig(
-        gpu=(device.name or "GPU") if device.kind == "cuda" else CPU, gpu_count=device.count, micro_batch=micro_batch,
+        gpu=(device.name or "GPU") if device.kind == "cuda" else CPU, gpu_count=device.count // device.nodes,
+        num_nodes=device.nodes, micro_batch=micro_batch,
         grad_accum=grad_accum_for(global_batch, micro_batch, device.count), gradient_checkpointing=gradient_checkpointing,
         attention=attention, dtype=dtype, sharding=sharding_for(method, device.count))

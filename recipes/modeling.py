@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -57,11 +58,19 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def world_nodes(world_size: int) -> int:
+    """Nodes the world spans: torchrun and Ray Train both set LOCAL_WORLD_SIZE (processes on this
+    node); a world that does not split evenly is counted as one node."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size) or world_size)
+    return world_size // local if local and world_size % local == 0 else 1
+
+
 def device_facts(device: torch.device, world_size: int) -> DeviceFacts:
     """What this node has, for checking the plan's execution config (recipes/execution.py).
     Measured before the model loads: free memory then is what the plan's figures must fit."""
+    nodes = world_nodes(world_size)
     if device.type != "cuda":
-        return DeviceFacts("cpu", None, world_size, bf16=False, flash_attention=False)
+        return DeviceFacts("cpu", None, world_size, bf16=False, flash_attention=False, nodes=nodes)
     free, _total = torch.cuda.mem_get_info(device)
     if world_size > 1 and torch.distributed.is_initialized():
         # Every rank must run the same config: the GPU with the least free memory decides.
@@ -69,7 +78,7 @@ def device_facts(device: torch.device, world_size: int) -> DeviceFacts:
         torch.distributed.all_reduce(least, op=torch.distributed.ReduceOp.MIN)
         free = least.item()
     return DeviceFacts("cuda", torch.cuda.get_device_name(device), world_size, bf16=torch.cuda.is_bf16_supported(),
-                       flash_attention=flash_attention_available(device), free_gib=free / 2**30)
+                       flash_attention=flash_attention_available(device), free_gib=free / 2**30, nodes=nodes)
 
 
 def _probe_bitsandbytes(device: torch.device, dtype: torch.dtype) -> None:

@@ -116,7 +116,7 @@ def test_a_spec_may_pin_its_execution_and_the_plan_prices_exactly_that():
               "dtype": "bfloat16", "sharding": "none"}
     plan = make_plan(spec(execution=pinned), OFFERS, ())
     assert [o.offer.gpu for o in plan.options] == ["L4"]
-    assert plan.best.execution.model_dump(exclude={"needs_free_gib", "activations_gib"}) == {**pinned, "attention": "sdpa"}
+    assert plan.best.execution.model_dump(exclude={"needs_free_gib", "activations_gib"}) == {**pinned, "attention": "sdpa", "num_nodes": 1}
     with pytest.raises(PinnedExecutionError, match="execution.dtype: T4 trains in float32"):
         make_plan(spec(execution={**pinned, "gpu": "T4"}), OFFERS, ())
     with pytest.raises(PinnedExecutionError, match="execution.gpu: unknown GPU 'L5'"):
