@@ -25,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
 from contract.backend import Observation, ObservedAttempt  # noqa: E402
 from contract.placement import Placement  # noqa: E402
@@ -33,6 +34,7 @@ from orchestrator.quote import Offer, Option, Plan  # noqa: E402
 from orchestrator.reconcile import reconcile_job  # noqa: E402
 from orchestrator.watch import Watcher  # noqa: E402
 from contract.spec import parse_spec  # noqa: E402
+from fake_backend import FixedBackend  # noqa: E402
 
 T0 = datetime(2026, 11, 20, 9, 0, tzinfo=timezone.utc)
 PLACEMENT = Placement("aws", "us-east-1", "H100", 1, True, Decimal("2.4900"))
@@ -62,22 +64,6 @@ CHECKPOINT_EVERY = 10  # steps; a long job has proportionally many checkpoints
 def line(kind: str, second: float, attempt: int, **fields) -> str:
     return json.dumps({"event": kind, "time": (T0 + timedelta(seconds=second)).timestamp(), "attempt": attempt,
                        **fields}) + "\n"
-
-
-class FixedBackend:
-    """The one fake: a backend whose poll always reports the same running job."""
-
-    name = "bench"
-    poll_seconds = 1.0
-
-    def __init__(self, observation: Observation):
-        self.observation = observation
-
-    def poll(self, external_id: str) -> Observation:
-        return self.observation
-
-    def cancel(self, external_id: str, graceful: bool = True) -> None:
-        raise AssertionError("the bench job is well within its budget")
 
 
 def long_job(ledger: Ledger, tmp: Path, samples: int) -> tuple[str, Path, Observation, int]:

@@ -169,11 +169,14 @@ class LocalSpec(_Strict):
 class RaySpec(_Strict):
     """The Ray backend: what the cluster's nodes cost, and how Ray Train runs the recipe.
 
-    price_per_node_hour: USD/h by node type; a key is a Ray node's instance type (the
-    `ray.io/node-type` or `instance-type` label, or the accelerator it reports) or `default`.
+    price_per_node_hour: USD/h by node type; a key is a Ray node's instance type (its
+    `instance-type` or `node.kubernetes.io/instance-type` label), its node group (`ray.io/node-group`,
+    the autoscaler's or KubeRay's node type), its accelerator type, or `default`
+    (launch/ray_pricing.py).
     """
 
-    price_per_node_hour: dict[Label, Money] = Field(default_factory=dict, max_length=MAX_LIST_ITEMS)
+    price_per_node_hour: dict[Label, Annotated[float, Field(ge=0, le=MAX_MONEY)]] = Field(
+        default_factory=dict, max_length=MAX_LIST_ITEMS)
     max_failures: int = Field(2, ge=0, le=100)
 
 

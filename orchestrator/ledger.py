@@ -1,9 +1,9 @@
 """The ledger: every job, the estimate it was launched on (never rewritten), every attempt with the
 price of the machine it ran on, checkpoints and progress from the recipe's events.jsonl.
 
-`Ledger(url)` opens SQLite (WAL, busy timeout, write transactions take the lock up front so two
-writers queue instead of failing) or PostgreSQL, and migrates the schema to head. Every write is one
-transaction. Reads return frozen records, never live ORM objects.
+`Ledger(url)` opens SQLite or PostgreSQL and migrates the schema to head (ledger_engine.py). Every
+write is one transaction; what the events say about attempts and checkpoints is derived in the same
+transaction (ledger_progress.py). Reads return frozen records, never live ORM objects.
 """
 from __future__ import annotations
 
@@ -13,15 +13,16 @@ import secrets
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-from sqlalchemy import create_engine, event, func, select, update
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
+from orchestrator.ledger_engine import BUSY_TIMEOUT_SECONDS, migrate, normalize_url, open_engine, parse_url
 from orchestrator.ledger_errors import LedgerError, OneLineErrors
 from orchestrator.ledger_events import events_to_rows, insert_ignore, read_new_lines
+from orchestrator.ledger_progress import mark_verified, refresh_progress
 from orchestrator.ledger_tables import (EXECUTION_COLUMNS, JOB_STATUSES, TERMINAL_STATUSES, Attempt, AttemptRecord, BudgetChange,
                                         BudgetChangeRecord, Checkpoint, CheckpointRecord, Estimate,
                                         EstimateRecord, EventCursor, Job, JobRecord, LatestProgress, ProgressSample,
@@ -34,9 +35,8 @@ if TYPE_CHECKING:
     from contract.spec import JobSpec
 
 __all__ = ["Ledger", "LedgerError", "JobRecord", "EstimateRecord", "AttemptRecord", "CheckpointRecord",
-           "SampleRecord", "RunEventRecord", "LatestProgress", "JOB_STATUSES", "redact"]
-
-BUSY_TIMEOUT_SECONDS = 60
+           "SampleRecord", "RunEventRecord", "LatestProgress", "JOB_STATUSES", "BUSY_TIMEOUT_SECONDS",
+           "normalize_url", "redact"]
 
 
 def _now() -> datetime:
@@ -48,95 +48,27 @@ def _record(cls, row, **extra):
     return cls(**{n: extra[n] if n in extra else getattr(row, n) for n in names})
 
 
-def normalize_url(url: str) -> str:
-    """`postgresql://` and `postgres://` mean psycopg 3 (the `postgres` extra's driver), not psycopg2."""
-    for prefix in ("postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix):]
-    return url
-
-
 class Ledger:
     def __init__(self, url: str):
         self.url = normalize_url(url)
-        try:
-            parsed = make_url(self.url)
-        except ArgumentError:
-            raise LedgerError(f"not a database URL: {redact(url)!r} (expected sqlite:///PATH or postgresql+psycopg://...)") from None
+        parsed = parse_url(url)
         self.display_url = parsed.render_as_string(hide_password=True)
         self.dialect = parsed.get_backend_name()
-        if self.dialect not in ("sqlite", "postgresql"):
-            raise LedgerError(f"unsupported ledger URL {self.display_url}: the ledger runs on SQLite or PostgreSQL")
-        try:
-            if self.dialect == "sqlite":
-                self._engine = self._sqlite_engine(parsed)
-            else:
-                self._engine = create_engine(parsed, pool_pre_ping=True)
-        except NoSuchModuleError as e:
-            raise LedgerError(f"unsupported ledger URL {self.display_url}: {e}") from None
-        except ImportError as e:
-            raise LedgerError(f"the ledger at {self.display_url} needs the {e.name} driver: pip install 'spotune[postgres]'") from None
-        except OSError as e:
-            raise LedgerError(f"cannot create the ledger's directory for {self.display_url}: {e.strerror}") from None
+        self._engine = open_engine(parsed)
         self._errors = OneLineErrors(self.display_url, parsed.database if self.dialect == "sqlite" else None)
         self._errors.install(self._engine)
         # Writes on SQLite take the write lock at BEGIN (IMMEDIATE): a deferred transaction that
         # reads then writes can hit SQLITE_BUSY without waiting when another writer got in between.
         self._write_engine = self._engine.execution_options(sqlite_begin="IMMEDIATE")
         try:
-            self._migrate()
+            migrate(self._write_engine, self.display_url)
         except DBAPIError as e:  # OperationalError, and DatabaseError: "file is not a database"
             self._engine.dispose()
             raise LedgerError(f"cannot open ledger at {self.display_url}: {str(e.orig).strip().splitlines()[0]}") from None
-        self._errors.opened = True
-
-    @staticmethod
-    def _sqlite_engine(parsed):
-        database = parsed.database or ""
-        if database and database != ":memory:":
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(parsed, connect_args={"timeout": BUSY_TIMEOUT_SECONDS})
-
-        @event.listens_for(engine, "connect")
-        def _on_connect(dbapi_connection, _record):
-            dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
-            cursor = dbapi_connection.cursor()
-            cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_SECONDS * 1000}")
-            cursor.execute("PRAGMA journal_mode = WAL")
-            cursor.execute("PRAGMA synchronous = NORMAL")
-            cursor.execute("PRAGMA foreign_keys = ON")
-            cursor.close()
-
-        @event.listens_for(engine, "begin")
-        def _on_begin(conn):
-            conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get('sqlite_begin', 'DEFERRED')}")
-
-        return engine
-
-    def _migrate(self) -> None:
-        from orchestrator.migrations import NewerSchemaError, upgrade_to_head
-
-        try:
-            with self._write_engine.connect() as conn:
-                sqlite = conn.dialect.name == "sqlite"
-                if sqlite:
-                    # Alembic rebuilds a SQLite table to change a column: it drops the old one, and with
-                    # foreign keys on, dropping a parent first deletes its rows, cascading to every child
-                    # table. SQLite's own procedure for schema changes: keys off outside the
-                    # transaction, checked before the commit.
-                    conn.connection.dbapi_connection.execute("PRAGMA foreign_keys = OFF")
-                try:
-                    with conn.begin():
-                        upgrade_to_head(conn)
-                        if sqlite and conn.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
-                            raise LedgerError(f"the ledger at {self.display_url} has rows whose job is gone; "
-                                              "not migrated (nothing changed)")
-                finally:
-                    if sqlite:
-                        conn.connection.dbapi_connection.execute("PRAGMA foreign_keys = ON")
-        except NewerSchemaError as e:
+        except LedgerError:
             self._engine.dispose()
-            raise LedgerError(f"the ledger at {self.display_url} {e}") from None
+            raise
+        self._errors.opened = True
 
     def close(self) -> None:
         self._engine.dispose()
@@ -266,7 +198,7 @@ class Ledger:
                     if value is not None:
                         setattr(row, name, value)
             s.flush()
-            self._refresh_progress(s, job_id, [observed.n])
+            refresh_progress(s, job_id, [observed.n])
             s.execute(update(Job).where(Job.id == job_id).values(updated_at=_now()))
 
     def ingest_events(self, job_id: str, events_path: Path | str) -> int:
@@ -296,57 +228,10 @@ class Ledger:
             else:
                 cursor.path, cursor.offset, cursor.updated_at = str(path), end, _now()
             s.flush()
-            self._mark_verified(s, job_id, rows.run_events)
+            mark_verified(s, job_id, rows.run_events)
             if rows.count:
-                self._refresh_progress(s, job_id)
+                refresh_progress(s, job_id)
             return rows.count
-
-    @staticmethod
-    def _mark_verified(s: Session, job_id: str, run_events: list[dict]) -> None:
-        """A checkpoint is verified when a resume loaded it (its `start` names the step) and
-        failed when a resume skipped it (`checkpoint_skipped`): the newest one of that step saved
-        by an earlier attempt."""
-        for ev in run_events:
-            payload = json.loads(ev["payload"])
-            if ev["event"] == "start" and isinstance(payload.get("resumed_from_step"), int):
-                step, verdict = payload["resumed_from_step"], True
-            elif ev["event"] == "checkpoint_skipped" and ev["step"] is not None:
-                step, verdict = ev["step"], False
-            else:
-                continue
-            row = s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step == step,
-                                                     Checkpoint.attempt < ev["attempt"])
-                            .order_by(Checkpoint.attempt.desc()).limit(1)).first()
-            if row is not None:
-                row.verified = verdict
-
-    @staticmethod
-    def _refresh_progress(s: Session, job_id: str, attempt_numbers: Optional[Iterable[int]] = None) -> None:
-        """Derive attempts' resumed_from_step and trained tokens from their events (all attempts
-        when none are named: a later attempt's baseline depends on an earlier one's samples)."""
-        if attempt_numbers is None:
-            attempt_numbers = s.scalars(select(Attempt.n).where(Attempt.job_id == job_id)).all()
-        for n in sorted(set(attempt_numbers)):
-            attempt = s.scalars(select(Attempt).where(Attempt.job_id == job_id, Attempt.n == n)).one_or_none()
-            if attempt is None:
-                continue  # events arrived before the backend reported the attempt; upsert calls back
-            # Runs on every ingest (every watch tick): each read below is an index seek, never a scan.
-            start = s.scalars(select(RunEvent).where(RunEvent.job_id == job_id, RunEvent.attempt == n,
-                                                     RunEvent.event == "start").order_by(RunEvent.offset.desc()).limit(1)).first()
-            payload = json.loads(start.payload) if start is not None else {}
-            resumed = payload.get("resumed_from_step")
-            for name, value in _ran_execution(payload).items():
-                setattr(attempt, name, value)
-            finished = s.scalars(select(RunEvent).where(RunEvent.job_id == job_id, RunEvent.attempt == n,
-                                                        RunEvent.event == "finished").limit(1)).first()
-            # max(tokens), spelled as ORDER BY ... LIMIT 1: PostgreSQL then seeks the index even
-            # before it has statistics on a fast-growing table (an aggregate would read the range).
-            end_tokens = finished.tokens if finished is not None and finished.tokens is not None else \
-                s.scalar(select(ProgressSample.tokens).where(ProgressSample.job_id == job_id, ProgressSample.attempt == n,
-                                                             ProgressSample.tokens.is_not(None))
-                         .order_by(ProgressSample.tokens.desc()).limit(1))
-            attempt.resumed_from_step = resumed
-            attempt.tokens = None if end_tokens is None else max(0, end_tokens - _tokens_at_resume(s, job_id, n, resumed))
 
     def change_budget(self, job_id: str, budget: Optional[Decimal], spent: Decimal, reason: str) -> None:
         """Put `budget` in force for the job and record the change (from what, at what spend, why)."""
@@ -398,10 +283,10 @@ class Ledger:
 
     def _rows(self, record, model, job_id: str, *order_by) -> list:
         # Column rows, not ORM objects: a long job has tens of thousands of samples (reconcile reads them all).
-        columns = [getattr(model, name) for name in record.__dataclass_fields__]
-        query = select(*columns).where(model.job_id == job_id).order_by(*order_by)
+        names = list(record.__dataclass_fields__)
+        query = select(*(getattr(model, name) for name in names)).where(model.job_id == job_id).order_by(*order_by)
         with self._read() as s:
-            return [record(*row) for row in s.execute(query)]
+            return [record(**dict(zip(names, row))) for row in s.execute(query)]
 
     def run_events_named(self, job_id: str, event_name: str) -> list[RunEventRecord]:
         """The job's run events of one kind, in file order: an index seek, cheap on every watch tick."""
@@ -415,49 +300,3 @@ class Ledger:
             rows = s.scalars(select(RunEvent).where(RunEvent.job_id == job_id).order_by(RunEvent.offset)).all()
             return [_record(RunEventRecord, r, payload=json.loads(r.payload)) for r in rows]
 
-
-def _ran_execution(start_payload: dict) -> dict:
-    """The execution fields a `start` event reports, each only where it has the type it should
-    (the file comes from the node: a field of the wrong type is left unknown, never stored)."""
-    fields = {}
-    for name in EXECUTION_COLUMNS:
-        value = start_payload.get(name)
-        if name == "gradient_checkpointing":
-            ok = isinstance(value, bool)
-        elif name in ("micro_batch", "grad_accum"):
-            ok = isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**31
-        else:
-            ok = isinstance(value, str) and len(value) <= (32 if name == "attention" else 8 if name == "sharding" else 16)
-        fields[name] = value if ok else None
-    return fields
-
-
-def _tokens_at_resume(s: Session, job_id: str, n: int, resumed_from_step: Optional[int]) -> int:
-    """Cumulative tokens already trained at the step this attempt resumed from.
-
-    Exact when an earlier attempt logged that step; otherwise scaled from this attempt's first
-    sample (tokens grow linearly in steps with packed sequences)."""
-    if not resumed_from_step:
-        return 0
-    # The latest sample at or before that step, ties to the later attempt, among earlier attempts:
-    # one seek per earlier attempt, newest first, so it costs the same however many steps each ran.
-    best: Optional[tuple[int, int]] = None  # (step, tokens)
-    earlier = n
-    while best is None or best[0] < resumed_from_step:
-        earlier = s.scalar(select(ProgressSample.attempt).where(
-            ProgressSample.job_id == job_id, ProgressSample.attempt < earlier).order_by(ProgressSample.attempt.desc()).limit(1))
-        if earlier is None:
-            break
-        row = s.execute(select(ProgressSample.step, ProgressSample.tokens).where(
-            ProgressSample.job_id == job_id, ProgressSample.attempt == earlier, ProgressSample.step <= resumed_from_step,
-            ProgressSample.tokens.is_not(None)).order_by(ProgressSample.step.desc()).limit(1)).first()
-        if row is not None and (best is None or row.step > best[0]):
-            best = (row.step, row.tokens)
-    if best is not None:
-        return best[1]
-    first = s.scalars(select(ProgressSample).where(ProgressSample.job_id == job_id, ProgressSample.attempt == n,
-                                                   ProgressSample.tokens.is_not(None))
-                      .order_by(ProgressSample.step).limit(1)).first()
-    if first is None or first.step <= 0:
-        return 0
-    return first.tokens * resumed_from_step // first.step

@@ -81,7 +81,7 @@ def events_to_rows(job_id: str, lines: list[tuple[int, bytes]], starts_before: i
             seen_checkpoints.add((attempt, step))
             rows.checkpoints.append({"job_id": job_id, "attempt": attempt, "step": step, "path": path,
                                      "bytes": _int(ev.get("bytes")), "seconds": _float(ev.get("seconds")),
-                                     # verified only once a resume has loaded it (Ledger._mark_verified)
+                                     # verified only once a resume has loaded it (ledger_progress.mark_verified)
                                      "verified": None, "time": when})
         elif kind in RUN_EVENTS:
             if kind == ERROR and isinstance(ev.get("message"), str):

@@ -7,7 +7,7 @@ these models must describe the same tables (tests compare them).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Optional
@@ -28,8 +28,6 @@ MAX_MONEY_RECORDED = Decimal(10) ** (MONEY_PRECISION - MONEY_SCALE)   # NUMERIC(
 
 JOB_STATUSES = ("pending", "running", "recovering", "succeeded", "failed", "cancelled", "over_budget")
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled", "over_budget")
-# The execution config's fields the ledger keeps, planned (estimates) and as run (attempts).
-EXECUTION_COLUMNS = ("micro_batch", "grad_accum", "gradient_checkpointing", "attention", "dtype", "sharding")
 
 
 class Money(TypeDecorator):
@@ -135,7 +133,22 @@ class ExecutionColumns:
     sharding: Mapped[Optional[str]] = mapped_column(String(8), nullable=True)
 
 
-class Estimate(ExecutionColumns, Base):
+class PlacementColumns:
+    """Where it runs and what that costs (contract/placement.py): on an estimate as planned, on an
+    attempt as the backend reported it."""
+
+    provider: Mapped[str] = mapped_column(String(64))
+    region: Mapped[str] = mapped_column(String(64))
+    # A backend may not name the instance an attempt ran on; an estimate always does (Estimate overrides).
+    instance_type: Mapped[Optional[str]] = mapped_column(String(128), nullable=True)
+    gpu: Mapped[str] = mapped_column(String(64))
+    gpu_count: Mapped[int] = mapped_column(Integer)                  # on each node
+    num_nodes: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    spot: Mapped[bool] = mapped_column(Boolean)
+    price_per_hour: Mapped[Decimal] = mapped_column(Money)           # all nodes together, USD/h
+
+
+class Estimate(PlacementColumns, ExecutionColumns, Base):
     """What the planner said when the job was submitted. Inserted once, never updated."""
 
     __tablename__ = "estimates"
@@ -144,14 +157,7 @@ class Estimate(ExecutionColumns, Base):
     plan_json: Mapped[str] = mapped_column(Text)        # Plan.to_json(): chosen option and alternatives
     chosen_rank: Mapped[int] = mapped_column(Integer)
     catalog_snapshot: Mapped[str] = mapped_column(String(200))
-    provider: Mapped[str] = mapped_column(String(64))
-    region: Mapped[str] = mapped_column(String(64))
     instance_type: Mapped[str] = mapped_column(String(128))
-    gpu: Mapped[str] = mapped_column(String(64))
-    gpu_count: Mapped[int] = mapped_column(Integer)                  # on each node
-    num_nodes: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
-    spot: Mapped[bool] = mapped_column(Boolean)
-    price_per_hour: Mapped[Decimal] = mapped_column(Money)           # all nodes together, USD/h
     tokens_per_second: Mapped[float] = mapped_column(Float)
     hours: Mapped[float] = mapped_column(Float)                      # compute hours, no preemption
     preemption_overhead_hours: Mapped[float] = mapped_column(Float)
@@ -160,21 +166,13 @@ class Estimate(ExecutionColumns, Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
-class Attempt(ExecutionColumns, Base):
+class Attempt(PlacementColumns, ExecutionColumns, Base):
     __tablename__ = "attempts"
     __table_args__ = (UniqueConstraint("job_id", "n", name="uq_attempts_job_id_n"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     n: Mapped[int] = mapped_column(Integer)
-    provider: Mapped[str] = mapped_column(String(64))
-    region: Mapped[str] = mapped_column(String(64))
-    instance_type: Mapped[Optional[str]] = mapped_column(String(128), nullable=True)
-    gpu: Mapped[str] = mapped_column(String(64))
-    gpu_count: Mapped[int] = mapped_column(Integer)                  # on each node
-    num_nodes: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
-    spot: Mapped[bool] = mapped_column(Boolean)
-    price_per_hour: Mapped[Decimal] = mapped_column(Money)           # all nodes together, USD/h
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
     ended_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime, nullable=True)
     end_reason: Mapped[Optional[str]] = mapped_column(String(16), nullable=True)
@@ -270,40 +268,59 @@ class BudgetChange(Base):
 
 
 # ---- records: what the Ledger's reads return (frozen copies, safe to keep after the session) ----
+# The estimate and attempt records share the column mixins' fields, and are built by field name
+# (kw_only: two dozen fields are too many to pass by position).
 
-@dataclass(frozen=True)
-class EstimateRecord:
-    plan_json: str
-    chosen_rank: int
-    catalog_snapshot: str
+@dataclass(frozen=True, kw_only=True)
+class PlacementFields:
+    """PlacementColumns, read back."""
+
     provider: str
     region: str
-    instance_type: str
+    instance_type: Optional[str]
     gpu: str
-    gpu_count: int
+    gpu_count: int               # on each node
     spot: bool
-    price_per_hour: Decimal
-    tokens_per_second: float
-    hours: float
-    preemption_overhead_hours: float
-    expected_cost: Decimal
-    total_tokens: int
-    created_at: datetime
+    price_per_hour: Decimal      # all nodes together, USD/h
+    num_nodes: int = 1
+
+    @property
+    def placement(self) -> Placement:
+        return Placement.of(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExecutionFields:
+    """ExecutionColumns, read back: None where not known."""
+
     micro_batch: Optional[int] = None
     grad_accum: Optional[int] = None
     gradient_checkpointing: Optional[bool] = None
     attention: Optional[str] = None
     dtype: Optional[str] = None
     sharding: Optional[str] = None
-    num_nodes: int = 1
+
+
+# The execution config's fields the ledger keeps, planned (estimates) and as run (attempts).
+EXECUTION_COLUMNS = tuple(f.name for f in fields(ExecutionFields))
+
+
+@dataclass(frozen=True, kw_only=True)
+class EstimateRecord(ExecutionFields, PlacementFields):
+    plan_json: str
+    chosen_rank: int
+    catalog_snapshot: str
+    instance_type: str           # a planned option always names its instance
+    tokens_per_second: float
+    hours: float
+    preemption_overhead_hours: float
+    expected_cost: Decimal
+    total_tokens: int
+    created_at: datetime
 
     @property
     def expected_hours(self) -> float:
         return self.hours + self.preemption_overhead_hours
-
-    @property
-    def placement(self) -> Placement:
-        return Placement.of(self)
 
     @property
     def plan(self) -> dict:
@@ -329,16 +346,9 @@ class JobRecord:
     run_dir: Optional[str] = None
 
 
-@dataclass(frozen=True)
-class AttemptRecord:
+@dataclass(frozen=True, kw_only=True)
+class AttemptRecord(ExecutionFields, PlacementFields):
     n: int
-    provider: str
-    region: str
-    instance_type: Optional[str]
-    gpu: str
-    gpu_count: int
-    spot: bool
-    price_per_hour: Decimal
     started_at: datetime
     ended_at: Optional[datetime]
     end_reason: Optional[str]
@@ -346,18 +356,7 @@ class AttemptRecord:
     tokens: Optional[int]
     resumed_from_step: Optional[int]
     detail: Optional[str]
-    micro_batch: Optional[int] = None
-    grad_accum: Optional[int] = None
-    gradient_checkpointing: Optional[bool] = None
-    attention: Optional[str] = None
-    dtype: Optional[str] = None
-    sharding: Optional[str] = None
     kind: str = "training"      # contract.backend.AttemptKind: "controller" is the backend's own line, attempt 0
-    num_nodes: int = 1
-
-    @property
-    def placement(self) -> Placement:
-        return Placement.of(self)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from orchestrator.format import usd, usd_exact, usd_signed
 
 if TYPE_CHECKING:
-    from orchestrator.report import Entry
+    from orchestrator.report_data import Entry
 
 MAX_LOSS_POINTS = 2000  # per job: a long run's curve is thinned evenly, first and last step kept
 DATA_ID = "spotune-ledger"
@@ -33,11 +33,11 @@ def _thin(samples: list, limit: int = MAX_LOSS_POINTS) -> list:
 
 def page_data(entries: list["Entry"], totals: dict, ledger_label: str, now: datetime) -> dict:
     """`ledger --json`'s object, with each job's loss curve and stop events for the charts."""
-    from orchestrator.report import to_json
+    from orchestrator.report_data import to_json
 
     from decimal import Decimal
 
-    from orchestrator.report import SPLIT
+    from orchestrator.report_data import SPLIT
 
     data = to_json(entries, totals, ledger_label)
     data["generated_at"] = now.isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from contract.errors import UserError
 from orchestrator.format import usd_fine
-from orchestrator.report import SPLIT, Entry
+from orchestrator.report_data import SPLIT, Entry
 
 INSTALL_HINT = "--plot needs matplotlib: pip install 'spotune[plot]'"
 

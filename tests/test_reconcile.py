@@ -90,14 +90,18 @@ def test_parts_always_add_up_to_the_total(p0_units, hours, overhead, extra_cents
     p0 = Decimal(p0_units).scaleb(-4)
     hours, overhead = round(hours, 4), round(overhead, 4)
     estimate_cost = p0 * Decimal(str(hours + overhead)) + Decimal(extra_cents).scaleb(-2)
-    est = EstimateRecord("{}", 1, "s", "aws", "r", "i", "H100", 1, True, p0, 1000.0, hours, overhead,
-                         estimate_cost, 1, at(0))
+    est = EstimateRecord(plan_json="{}", chosen_rank=1, catalog_snapshot="s", provider="aws", region="r",
+                         instance_type="i", gpu="H100", gpu_count=1, spot=True, price_per_hour=p0,
+                         tokens_per_second=1000.0, hours=hours, preemption_overhead_hours=overhead,
+                         expected_cost=estimate_cost, total_tokens=1, created_at=at(0))
     job = JobRecord("j", "j", "m", "lora", "", "", "running", "local", None, None, None, at(0), at(0), est)
     attempts, checkpoints, samples, t = [], [], [], 0.0
     for n, (length, reason, price_units, first, saved, gap) in enumerate(shapes, start=1):
         reason = "preempted" if reason == "finished" and n == 1 else reason
-        attempts.append(AttemptRecord(n, "aws", "r", None, "H100", 1, True, Decimal(price_units).scaleb(-5), at(t),
-                                      at(t + length), reason, None, None, None, None))
+        attempts.append(AttemptRecord(n=n, provider="aws", region="r", instance_type=None, gpu="H100", gpu_count=1,
+                                      spot=True, price_per_hour=Decimal(price_units).scaleb(-5), started_at=at(t),
+                                      ended_at=at(t + length), end_reason=reason, external_id=None, tokens=None,
+                                      resumed_from_step=None, detail=None))
         first_step = t + first * length
         samples.append(SampleRecord(n, 1, 1, None, None, 1.0, at(first_step)))
         if saved is not None:

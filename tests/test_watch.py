@@ -13,28 +13,13 @@ from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
 from contract.backend import Observation
+from fake_backend import FixedBackend
 from ledger_factory import at, event, hand_example, make_option, make_plan, make_spec, observed, spec_yaml, write_events
 from orchestrator import watch
 from orchestrator.cli import app
 from orchestrator.ledger import Ledger
 from orchestrator.quote import money
 from orchestrator.reconcile import reconcile_job, spend
-
-
-class FixedBackend:
-    """The one fake: a backend whose poll always reports the same observation."""
-
-    name = "fixed"
-    poll_seconds = 1.0
-
-    def __init__(self, observation: Observation):
-        self.observation = observation
-
-    def poll(self, external_id: str) -> Observation:
-        return self.observation
-
-    def cancel(self, external_id: str, graceful: bool = True) -> None:
-        raise AssertionError("these jobs are within budget")
 
 
 def watcher_for(ledger: Ledger, job_id: str, state: str, *attempts) -> watch.Watcher:
