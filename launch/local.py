@@ -87,6 +87,7 @@ class LocalBackend:
     pricing = "hourly"
     options = ("simulate_preemptions", "hard", "seed", "restart_seconds")
     poll_seconds = 1.0  # a local file read: cheap
+    max_nodes = 1       # this one machine: options spanning nodes are not launchable here (orchestrator/launchable.py)
 
     def __init__(self, state_dir: Optional[Path] = None, *, restart_seconds: float = 3.0,
                  simulate_preemptions: int = 0, hard: bool = False, seed: int = 0, mixed_signals: bool = False,

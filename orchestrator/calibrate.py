@@ -5,12 +5,17 @@ Speed: per (device, method), the log ratio measured / predicted tokens/s of each
 the shipped model for exactly the config that ran. The fit is the median of those ratios; a run
 further from it than OUTLIER_MADS robust standard deviations (1.4826 x MAD) is an outlier, reported
 and left out, so one misfit run (a machine under load, a wrong device name) cannot move it. The
-error factor is the largest distance of a kept run from the fit, widened by 1 + 2/runs, and at least
-the shipped error / runs (all of it while there is only one run): so the quote's interval contains
-every run it was fitted on.
+error factor comes from the measured spread: the larger of the kept runs' distance from the fit
+(widened by 1 + 2/runs) and how far the steps inside those runs strayed from it (STEP_QUANTILE of
+them), and never under the shipped error ** (1 / runs). One run says where the speed is, not how
+much it varies between runs: its quote keeps the shipped error.
 
 Setup: billed seconds minus trained tokens at the run's median rate minus checkpoint writes, by
-`local` start-up (model load term taken out) and cloud `setup`; likewise median and spread.
+`local` start-up (model load term taken out) and cloud `setup`; median, spread as above (a start-up
+has no steps: its runs' spread and the shipped floor).
+
+Checkpoint writes: each checkpoint row's bytes over its seconds, by `local` disk or `cloud` store;
+median, outliers reported; the planner's checkpoint line uses the fitted rate.
 
 The fit is data (`<state dir>/calibration.json`), loaded by the command layer and applied with
 `apply_fit`: the planner stays a pure function of what it is given.
@@ -26,7 +31,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from contract.errors import UserError
-from orchestrator.estimate import Calibration, SetupFit, SpeedFit
+from orchestrator.estimate import Calibration, CheckpointFit, SetupFit, SpeedFit
 
 FIT_FILE = "calibration.json"
 FIT_VERSION = 1
@@ -35,9 +40,17 @@ MAD_TO_SIGMA = 1.4826     # MAD x this estimates the standard deviation of norma
 LEAST_SIGMA = 0.01        # a 1 % spread: below it, identical runs would make every other run an outlier
 # The quote's half-width: the largest distance of a kept run from the fit, widened by 1 + 2/n for
 # few runs (the next of n runs lands outside their range with probability 2/(n+1)); never under 2 %
-# however alike the runs, nor under the shipped error / n: a few alike runs on a shared CPU, whose
-# speed swings 94x with its load (calibration.yaml), do not prove the next one will be alike.
+# however alike the runs ...
 LEAST_SPREAD = 0.02
+# ... nor under the distance from the fit that all but a tenth of the kept runs' steps stayed within:
+# steps are what a run's speed is made of, and a machine whose load swings shows it in its steps (a
+# shared 2-core CPU's steps spread 20x within one run on 2 threads), a quiet one a narrow band ...
+STEP_QUANTILE = 0.9
+# ... nor under the shipped error / n (in log): a few alike runs on a shared CPU, whose speed swings
+# 94x with its load (calibration.yaml), do not prove the next one will be alike. Seen in
+# tests/test_calibration_learns.py on a shared machine: two runs and their 60 steps within 4,757-12,715
+# tokens/s, then another tenant doubled the load and the third ran at 3,713. On GPUs (shipped x/÷
+# 1.05) the measured spread is what counts.
 
 
 @dataclass(frozen=True)
@@ -58,18 +71,51 @@ class Measurement:
     local: bool
     setup_seconds: Optional[float] = None   # local: without the model load term
     checkpoint_seconds: float = 0.0
+    step_tokens_per_second: tuple[float, ...] = ()   # each step's rate: how much the speed swung in the run
 
     @property
     def log_ratio(self) -> float:
         return math.log(self.measured_tokens_per_second / self.predicted_tokens_per_second)
+
+    @property
+    def step_log_ratios(self) -> list[float]:
+        return [math.log(r / self.predicted_tokens_per_second) for r in self.step_tokens_per_second if r > 0]
+
+
+@dataclass(frozen=True)
+class CheckpointWrite:
+    """One checkpoint row with its size and write time: a measurement of the write rate."""
+
+    job_id: str
+    attempt: int
+    step: int
+    local: bool               # this machine's disk, else a cloud node's store
+    bytes: int
+    seconds: float
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / self.seconds / 1e9
 
 
 class CalibrationFitError(UserError):
     """calibration.json is unreadable or from another version."""
 
 
-def _robust(values: list[float], shipped_spread: float) -> tuple[float, float, list[int], list[int]]:
-    """(center, error half-width, kept indices, outlier indices) of log-scale values."""
+def _quantile(values: list[float], q: float) -> float:
+    """The q-quantile by linear interpolation between order statistics: statistics.quantiles'
+    'inclusive' method, which refuses a single value."""
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    below = math.floor(position)
+    above = min(below + 1, len(ordered) - 1)
+    return ordered[below] + (position - below) * (ordered[above] - ordered[below])
+
+
+def _robust(values: list[float], shipped_spread: float,
+            steps: Optional[list[list[float]]] = None) -> tuple[float, float, list[int], list[int]]:
+    """(center, error half-width, kept indices, outlier indices) of log-scale values, one per run;
+    `steps`: each run's own log-scale step values, whose spread about the center the width holds."""
     center = statistics.median(values)
     sigma = max(MAD_TO_SIGMA * statistics.median(abs(v - center) for v in values), LEAST_SIGMA)
     kept = [i for i, v in enumerate(values) if abs(v - center) <= OUTLIER_MADS * sigma]
@@ -79,11 +125,15 @@ def _robust(values: list[float], shipped_spread: float) -> tuple[float, float, l
         return center, shipped_spread, kept, outliers
     spread = max((1 + 2 / len(kept)) * max(abs(values[i] - center) for i in kept), LEAST_SPREAD,
                  shipped_spread / len(kept))
+    pooled = [abs(v - center) for i in kept for v in (steps[i] if steps else ())]
+    if pooled:
+        spread = max(spread, _quantile(pooled, STEP_QUANTILE))
     return center, spread, kept, outliers
 
 
-def fit(measurements: Iterable[Measurement], cal: Calibration) -> dict:
-    """The fit as JSON-able data: speed per (device, method), setup per kind, and the outliers."""
+def fit(measurements: Iterable[Measurement], cal: Calibration, writes: Iterable[CheckpointWrite] = ()) -> dict:
+    """The fit as JSON-able data: speed per (device, method), setup per kind, checkpoint write rate
+    per kind, and the outliers."""
     groups: dict[tuple[str, str], list[Measurement]] = {}
     setups: dict[str, list[Measurement]] = {}
     for m in measurements:
@@ -93,7 +143,8 @@ def fit(measurements: Iterable[Measurement], cal: Calibration) -> dict:
     speed, outliers = [], []
     for (device, method), runs in sorted(groups.items()):
         shipped, _ = cal.speed_uncertainty(device, method)
-        center, spread, kept, out = _robust([m.log_ratio for m in runs], math.log(shipped))
+        center, spread, kept, out = _robust([m.log_ratio for m in runs], math.log(shipped),
+                                            steps=[m.step_log_ratios for m in runs])
         speed.append({"device": device, "method": method, "factor": math.exp(center), "error_factor": math.exp(spread),
                       "runs": len(kept), "outliers": len(out)})
         outliers += [{"job": runs[i].job_id, "attempt": runs[i].attempt, "device": device, "method": method,
@@ -105,7 +156,20 @@ def fit(measurements: Iterable[Measurement], cal: Calibration) -> dict:
         center, spread, kept, out = _robust([math.log(m.setup_seconds) for m in runs], math.log(shipped))
         setup[kind] = {"seconds": math.exp(center), "error_factor": math.exp(spread), "runs": len(kept),
                        "outliers": len(out)}
-    return {"version": FIT_VERSION, "speed": speed, "setup": setup, "outliers": outliers}
+    checkpoint, checkpoint_outliers = {}, []
+    by_kind: dict[str, list[CheckpointWrite]] = {}
+    for w in writes:
+        by_kind.setdefault("local" if w.local else "cloud", []).append(w)
+    for kind, items in sorted(by_kind.items()):
+        # No shipped error to fall back on: one write's spread is unknown (1.0), and not used by quotes.
+        center, spread, kept, out = _robust([math.log(w.gb_per_s) for w in items], 0.0)
+        checkpoint[kind] = {"gb_per_s": math.exp(center), "error_factor": math.exp(spread), "writes": len(kept),
+                            "outliers": len(out)}
+        checkpoint_outliers += [{"job": items[i].job_id, "attempt": items[i].attempt, "step": items[i].step,
+                                 "kind": kind, "gb_per_s": round(items[i].gb_per_s, 6), "fit": round(math.exp(center), 6)}
+                                for i in out]
+    return {"version": FIT_VERSION, "speed": speed, "setup": setup, "outliers": outliers, "checkpoint": checkpoint,
+            "checkpoint_outliers": checkpoint_outliers}
 
 
 def apply_fit(cal: Calibration, data: Optional[dict]) -> Calibration:
@@ -115,13 +179,15 @@ def apply_fit(cal: Calibration, data: Optional[dict]) -> Calibration:
     speed = {(f["device"], f["method"]): SpeedFit(f["device"], f["method"], f["factor"], f["error_factor"], f["runs"],
                                                   f.get("outliers", 0)) for f in data.get("speed", ())}
     setups = {k: SetupFit(f["seconds"], f["error_factor"], f["runs"]) for k, f in data.get("setup", {}).items()}
+    writes = {k: CheckpointFit(f["gb_per_s"], f["error_factor"], f["writes"], f.get("outliers", 0))
+              for k, f in data.get("checkpoint", {}).items()}
     overheads = cal.overheads
     if "local" in setups:
         overheads = overheads.model_copy(update={"local_startup": overheads.local_startup.model_copy(
             update={"seconds": setups["local"].seconds})})
     if "cloud" in setups:
         overheads = overheads.model_copy(update={"setup_minutes": setups["cloud"].seconds / 60})
-    return replace(cal, speed_fits=speed, setup_fits=setups, overheads=overheads)
+    return replace(cal, speed_fits=speed, setup_fits=setups, checkpoint_fits=writes, overheads=overheads)
 
 
 def read_fit(state_dir: Path) -> Optional[dict]:
@@ -210,5 +276,18 @@ def measurements_from_ledger(ledger, cal: Calibration) -> tuple[list[Measurement
                 if a.provider == "local":   # the plan adds the model load term itself
                     setup -= 2 * arch.params / (cal.overheads.local_startup.model_load_gb_per_s * 1e9)
             found.append(Measurement(job.id, a.n, device.name, a.gpu_count, job.method, arch.params, micro, seq_len, ckpt,
-                                     measured, predicted.tokens_per_second, a.provider == "local", setup, writes))
+                                     measured, predicted.tokens_per_second, a.provider == "local", setup, writes,
+                                     tuple(rates)))
     return found, skipped
+
+
+def checkpoint_writes_from_ledger(ledger) -> list[CheckpointWrite]:
+    """Every checkpoint row with its bytes and a nonzero write time (a preempted attempt's included:
+    its writes were real), by where its attempt ran."""
+    found = []
+    for job in ledger.list_jobs():
+        local = {a.n: a.provider == "local" for a in ledger.attempts(job.id) if a.kind == "training"}
+        for c in ledger.checkpoints(job.id):
+            if c.attempt in local and c.bytes and c.seconds:
+                found.append(CheckpointWrite(job.id, c.attempt, c.step, local[c.attempt], c.bytes, c.seconds))
+    return found

@@ -86,7 +86,8 @@ def placement_label(where, with_price: bool = True) -> str:
 
     if not isinstance(where, Placement):
         where = Placement(provider=where.provider, region=where.region, gpu=where.gpu, gpu_count=where.gpu_count,
-                          spot=where.spot, price_per_hour=_decimal(where.price_per_hour))
+                          spot=where.spot, price_per_hour=_decimal(where.price_per_hour),
+                          num_nodes=getattr(where, "num_nodes", None) or 1)
     return where.label(with_price)
 
 

@@ -1,15 +1,17 @@
-"""Offers x spot/on-demand -> feasible -> expected cost -> ranked Plan. Pure: no I/O of its own.
+"""Offers x node counts x spot/on-demand -> feasible -> expected cost -> ranked Plan. Pure: no I/O of its own.
 
-Each offer yields up to two candidates, its spot and its on-demand variant, ranked side by side
-by expected cost, so spot is chosen exactly where its expected cost (preemptions included) wins
-and the deadline still holds. Everything that depends only on (GPU, GPU count, VRAM) -- batch
-choice, memory, throughput, hours -- is computed once per group, not per offer, which keeps a
-10,000-offer catalog under 200 ms (bench/bench_plan.py).
+Each offer yields up to two candidates per node count, its spot and its on-demand variant, ranked
+side by side by expected cost, so spot is chosen exactly where its expected cost (preemptions
+included) wins and the deadline still holds. With constraints.max_nodes > 1 an offer is also priced
+on N of its instances (N x its price, memory sharded over N x G GPUs, speed and preemptions as
+orchestrator/estimate/scaling.py and preemption.py say): more nodes are faster and cost more, so the
+ranking picks the fewest that fit and meet the deadline. Everything that depends only on (GPU, GPU
+count, VRAM, nodes) -- batch choice, memory, throughput, hours -- is computed once per group, not
+per offer, which keeps a 10,000-offer catalog under 200 ms (bench/bench_plan.py).
 """
 from __future__ import annotations
 
 import heapq
-import math
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Iterable, Optional, Sequence
@@ -17,18 +19,21 @@ from typing import Iterable, Optional, Sequence
 from contract.errors import UserError
 from contract.execution import grad_accum_for
 from orchestrator.estimate import Calibration, DeviceSpec, load_calibration
-from orchestrator.estimate.memory import BatchChoice, MemoryEstimate, choose_batch, estimate_memory
+from orchestrator.estimate.memory import BatchChoice, MemoryEstimate, choose_batch
 from orchestrator.estimate.preemption import (PreemptionOverhead, checkpoint_bytes, checkpoint_interval_hours,
                                               checkpoint_writes, preemption_overhead_hours)
+from orchestrator.estimate.scaling import across_nodes
 from orchestrator.estimate.throughput import ThroughputEstimate, estimate_throughput
 from orchestrator.estimate.tokens import DatasetTokens, dataset_tokens, total_training_tokens
 from orchestrator.architectures import ModelArch, model_tokenizer, resolve_architecture
-from orchestrator.execution import PinnedExecutionError, check_pinned, execution_for, pinned_allows
+from orchestrator.execution import PinnedExecutionError, check_pinned, execution_for, node_counts, pinned_allows
 from orchestrator.constraints import check_names
-from orchestrator.quote import CostLine, Interval, ManagedQuote, Offer, Option, Plan, Rejected
+from orchestrator import node_choice
+from orchestrator.node_choice import NodeOutcome
+from orchestrator.quote import CostLine, Interval, ManagedQuote, Offer, Option, Plan
+from orchestrator.rejections import closest_miss, kept_rejections, memory_detail
 
 KEEP_OPTIONS = 100          # options kept in a Plan (cheapest first); the count of all is in assumptions
-KEEP_REJECTED_PER_REASON = 10
 LOCAL_PROVIDER = "local"    # plan_local's offer: this machine
 
 
@@ -53,17 +58,19 @@ class Job:
 
 @dataclass(frozen=True)
 class Group:
-    """The estimate shared by every offer with the same device, GPU count and VRAM."""
+    """The estimate shared by every offer with the same device, GPU count and VRAM, on `num_nodes` of them."""
 
     device: Optional[DeviceSpec]
     choice: Optional[BatchChoice]
     smallest: Optional[MemoryEstimate]
-    throughput: Optional[ThroughputEstimate]
+    throughput: Optional[ThroughputEstimate]    # all nodes together (scaling.NodesThroughput on several)
     grad_accum: int
     train_hours: float
     interval_hours: float
     checkpoints: int = 0
     checkpoint_seconds: float = 0.0
+    num_nodes: int = 1
+    checkpoint_source: str = ""     # the write rate and where it comes from, for the cost line
 
     @property
     def checkpoint_hours(self) -> float:
@@ -118,30 +125,62 @@ def resolve_job(spec, dataset: Optional[DatasetTokens] = None) -> Job:
                steps=trained.steps, blocks=trained.blocks)
 
 
-def _group(job: Job, device: Optional[DeviceSpec], gpu_count: int, vram_gb: Optional[float], cal: Calibration) -> Group:
+@dataclass(frozen=True)
+class Limits:
+    """The spec's constraints a priced candidate must meet, in the order they are checked."""
+
+    max_price: Optional[Decimal]
+    deadline: Optional[float]
+    budget: Optional[float]
+
+    @classmethod
+    def of(cls, c) -> "Limits":
+        return cls(Decimal(repr(c.max_price_per_hour)) if c.max_price_per_hour is not None else None,
+                   c.deadline_hours, c.budget)
+
+    def miss(self, price: Decimal, hours: float, cost: float) -> Optional[str]:
+        """The first constraint missed, or None. max_price_per_hour caps the job's $/h, all its nodes."""
+        if self.max_price is not None and price > self.max_price:
+            return "over_max_price"
+        if self.deadline is not None and hours > self.deadline:
+            return "misses_deadline"
+        if self.budget is not None and cost > self.budget:
+            return "over_budget"
+        return None
+
+
+def _group(job: Job, device: Optional[DeviceSpec], gpu_count: int, vram_gb: Optional[float], cal: Calibration,
+           num_nodes: int = 1, writes: str = "cloud") -> Group:
+    """The estimate on `num_nodes` instances of `gpu_count` GPUs: memory and batch for the world
+    size (FSDP shards over all of it, DDP replicates), speed per scaling.across_nodes."""
     spec, arch = job.spec, job.arch
     if device is None:
-        return Group(None, None, None, None, 0, 0.0, 0.0)
+        return Group(None, None, None, None, 0, 0.0, 0.0, num_nodes=num_nodes)
+    world = gpu_count * num_nodes
     ckpt, micro, pin = spec.train.gradient_checkpointing, spec.batch.micro, spec.execution
     if pin is not None:   # a spec's own execution section fixes both
         ckpt, micro = pin.gradient_checkpointing, pin.micro_batch
     choice, smallest = choose_batch(
         arch, spec.method, seq_len=spec.seq_len, global_batch=spec.batch.global_,
         micro=None if micro == "auto" else micro,
-        checkpointing=None if ckpt == "auto" else ckpt, gpu_count=gpu_count, vram_gb=vram_gb, cal=cal,
+        checkpointing=None if ckpt == "auto" else ckpt, gpu_count=world, vram_gb=vram_gb, cal=cal,
         lora_r=spec.lora.r, target_modules=spec.lora.target_modules, lora_dropout=spec.lora.dropout,
         memo=job.memory_memo, dtype=device.dtype)
     if choice is None:
-        return Group(device, None, smallest, None, 0, 0.0, 0.0)
-    tp = estimate_throughput(arch, spec.method, seq_len=spec.seq_len, gradient_checkpointing=choice.gradient_checkpointing,
-                             device=device, gpu_count=gpu_count, cal=cal, micro_batch=choice.micro_batch)
-    grad_accum = grad_accum_for(spec.batch.global_, choice.micro_batch, gpu_count)
+        return Group(device, None, smallest, None, 0, 0.0, 0.0, num_nodes=num_nodes)
+    node = estimate_throughput(arch, spec.method, seq_len=spec.seq_len, gradient_checkpointing=choice.gradient_checkpointing,
+                               device=device, gpu_count=gpu_count, cal=cal, micro_batch=choice.micro_batch)
+    tp = across_nodes(node, num_nodes, cal)
+    grad_accum = grad_accum_for(spec.batch.global_, choice.micro_batch, world)
     train_hours = job.total_tokens / tp.tokens_per_second / 3600
     interval = checkpoint_interval_hours(spec.checkpoint.every_minutes, spec.checkpoint.every_steps,
                                          job.tokens_per_step / tp.tokens_per_second, train_hours)
     count, seconds = checkpoint_writes(train_hours, interval,
-                                       checkpoint_bytes(arch, spec.method, spec.lora.r, spec.lora.target_modules, cal), cal)
-    return Group(device, choice, smallest, tp, grad_accum, train_hours, interval, count, seconds)
+                                       checkpoint_bytes(arch, spec.method, spec.lora.r, spec.lora.target_modules, cal), cal,
+                                       writes)
+    rate, source = cal.checkpoint_write(writes)   # `writes`: local disk or a cloud node, fitted apart
+    return Group(device, choice, smallest, tp, grad_accum, train_hours, interval, count, seconds, num_nodes,
+                 checkpoint_source=f"{rate:.3g} GB/s: {source}")
 
 
 def _amount(price: Decimal, hours: float) -> Decimal:
@@ -151,13 +190,15 @@ def _amount(price: Decimal, hours: float) -> Decimal:
 def _cost_lines(job: Job, candidate: Candidate, setup_hours: float) -> tuple[CostLine, ...]:
     g, price, preemption = candidate.group, candidate.price, candidate.preemption
     tp = g.throughput
+    nodes = f" ({g.num_nodes} nodes x ${candidate.offer.price(candidate.spot)}/h)" if g.num_nodes > 1 else ""
     lines = [CostLine(
         "training", _amount(price, g.train_hours),
         f"{job.total_tokens:,} tokens / {tp.tokens_per_second:,.0f} tokens/s / 3600 = {g.train_hours:.3f} h "
-        f"x ${price}/h  [{tp.formula()}]")]
+        f"x ${price}/h{nodes}  [{tp.formula()}]")]
     if g.checkpoint_hours:
         lines.append(CostLine("checkpoint writes", _amount(price, g.checkpoint_hours),
-                              f"{g.checkpoints} x {g.checkpoint_seconds:.3g} s to write (one every {g.interval_hours * 60:.3g} min) "
+                              f"{g.checkpoints} x {g.checkpoint_seconds:.3g} s to write at {g.checkpoint_source} "
+                              f"(one every {g.interval_hours * 60:.3g} min) "
                               f"= {g.checkpoint_hours:.4f} h x ${price}/h"))
     if setup_hours and candidate.offer.provider == LOCAL_PROVIDER:
         lines.append(CostLine("start-up", _amount(price, setup_hours),
@@ -169,7 +210,7 @@ def _cost_lines(job: Job, candidate: Candidate, setup_hours: float) -> tuple[Cos
     if candidate.spot:
         lines.append(CostLine(
             "preemption overhead (spot)", _amount(price, preemption.hours),
-            f"{preemption.rate_per_hour:g}/h x {g.train_hours:.3f} h x ({g.interval_hours:.3f} h / 2 + "
+            f"{preemption.rate_text()} x {g.train_hours:.3f} h x ({g.interval_hours:.3f} h / 2 + "
             f"{preemption.restart_hours:.3f} h restart) = {preemption.hours:.3f} h x ${price}/h"))
     return tuple(lines)
 
@@ -194,31 +235,21 @@ def _allowed(offer: Offer, c) -> bool:
     return offer.gpu_count <= c.max_gpus
 
 
-def _memory_detail(g: Group, offer: Offer) -> str:
-    m = g.smallest
-    mode = "with" if m.gradient_checkpointing else "without"
-    return (f"needs {m.total_gib:,.1f} GB per GPU at micro-batch {m.micro_batch} {mode} gradient checkpointing "
-            f"on {offer.gpu_count} GPU(s); this offer has {offer.vram_gb_per_gpu:g} GB per GPU")
-
-
-def _where(offer: Offer, spot: bool) -> str:
-    return f"{offer.gpu_count}x {offer.gpu} {offer.provider} {offer.region} {'spot' if spot else 'on-demand'}"
-
-
 def _evaluate(job: Job, offers: Iterable[Offer], cal: Calibration, *, setup_hours: float,
               device_of) -> tuple[list[Candidate], list[RejectedCandidate]]:
-    """(feasible, rejected) variants of offers already filtered by gpus/providers/regions/max_gpus.
+    """(feasible, rejected) variants of offers already filtered by gpus/providers/regions/max_gpus,
+    on each node count the spec allows (execution.node_counts).
 
     Options and Rejected (with their Decimal lines and detail text) are built afterwards, only for
-    the few that are kept: this loop runs once per offer variant."""
+    the few that are kept: this loop runs once per offer variant and node count."""
     c = job.spec.constraints
     allow_on_demand, allow_spot = c.spot != "always", c.spot != "never"
-    deadline, budget = c.deadline_hours, c.budget
-    max_price = Decimal(repr(c.max_price_per_hour)) if c.max_price_per_hour is not None else None
+    limits = Limits.of(c)
     groups: dict = {}
+    counts_of: dict = {}
     preempt_cache: dict = {}
     feasible, rejected = [], []
-    add_feasible, add_rejected = feasible.append, rejected.append
+    add_feasible, add_rejected, miss = feasible.append, rejected.append, limits.miss
 
     def consider(offer: Offer, spot: bool, price: Decimal, key, g: Group, base_hours: float) -> None:
         expected_hours, preemption = base_hours, None
@@ -227,17 +258,14 @@ def _evaluate(job: Job, offers: Iterable[Offer], cal: Calibration, *, setup_hour
             preemption = preempt_cache.get(pkey)
             if preemption is None:
                 preemption = preempt_cache[pkey] = preemption_overhead_hours(
-                    offer.provider, g.train_hours, g.interval_hours, cal)
+                    offer.provider, g.train_hours, g.interval_hours, cal, g.num_nodes)
             expected_hours = base_hours + preemption.hours
         cost = float(price) * expected_hours
-        if max_price is not None and price > max_price:
-            add_rejected(RejectedCandidate("over_max_price", offer, spot, cost, expected_hours, g))
-        elif deadline is not None and expected_hours > deadline:
-            add_rejected(RejectedCandidate("misses_deadline", offer, spot, cost, expected_hours, g))
-        elif budget is not None and cost > budget:
-            add_rejected(RejectedCandidate("over_budget", offer, spot, cost, expected_hours, g))
-        else:
+        reason = miss(price, expected_hours, cost)
+        if reason is None:
             add_feasible(Candidate(cost, expected_hours, offer, spot, price, g, base_hours, preemption))
+        else:
+            add_rejected(RejectedCandidate(reason, offer, spot, cost, expected_hours, g))
 
     for offer in offers:
         on_demand, spot_price = offer.price_on_demand, offer.price_spot
@@ -247,36 +275,34 @@ def _evaluate(job: Job, offers: Iterable[Offer], cal: Calibration, *, setup_hour
         if not (has_on_demand or has_spot):
             continue
         device = device_of(offer)
-        key = (device.name if device else offer.gpu, offer.gpu_count, offer.vram_gb_per_gpu)
-        g = groups.get(key)
-        if g is None:
-            g = groups[key] = _group(job, device, offer.gpu_count, offer.vram_gb_per_gpu, cal)
-        if g.choice is None:
-            reason = "unknown_gpu" if g.device is None else "does_not_fit_memory"
+        counts = counts_of.get(offer.gpu_count)
+        if counts is None:
+            counts = counts_of[offer.gpu_count] = node_counts(job.spec, offer.gpu_count)
+        if device is None:
+            counts = counts[:1]   # no figures for this GPU: one rejection, whatever the node count
+        fits, closest = False, None   # closest: the group nearest to fitting, for the rejection when none fits
+        for n in counts:
+            key = (device.name if device else offer.gpu, offer.gpu_count, offer.vram_gb_per_gpu, n)
+            g = groups.get(key)
+            if g is None:
+                g = groups[key] = _group(job, device, offer.gpu_count, offer.vram_gb_per_gpu, cal, n)
+            if g.choice is None:
+                if closest is None or g.smallest.total < closest.smallest.total:
+                    closest = g
+                continue
+            fits = True
+            base_hours = g.train_hours + g.checkpoint_hours + setup_hours
             if has_on_demand:
-                add_rejected(RejectedCandidate(reason, offer, False, None, None, g))
+                consider(offer, False, on_demand * n if n > 1 else on_demand, key, g, base_hours)
             if has_spot:
-                add_rejected(RejectedCandidate(reason, offer, True, None, None, g))
-            continue
-        base_hours = g.train_hours + g.checkpoint_hours + setup_hours
-        if has_on_demand:
-            consider(offer, False, on_demand, key, g, base_hours)
-        if has_spot:
-            consider(offer, True, spot_price, key, g, base_hours)
+                consider(offer, True, spot_price * n if n > 1 else spot_price, key, g, base_hours)
+        if not fits:
+            reason = "unknown_gpu" if closest.device is None else "does_not_fit_memory"
+            if has_on_demand:
+                add_rejected(RejectedCandidate(reason, offer, False, None, None, closest))
+            if has_spot:
+                add_rejected(RejectedCandidate(reason, offer, True, None, None, closest))
     return feasible, rejected
-
-
-def _reject_detail(miss: RejectedCandidate, c) -> str:
-    offer = miss.offer
-    if miss.reason == "unknown_gpu":
-        return f"no peak TFLOP/s for GPU '{offer.gpu}' in the GPU table"
-    if miss.reason == "does_not_fit_memory":
-        return _memory_detail(miss.group, offer)
-    if miss.reason == "over_max_price":
-        return f"${offer.price(miss.spot)}/h is over max_price_per_hour ${c.max_price_per_hour:g}"
-    if miss.reason == "misses_deadline":
-        return f"expected {miss.hours:,.1f} h is over the {c.deadline_hours:g} h deadline"
-    return f"expected ${miss.cost:,.2f} is over the ${c.budget:,.2f} budget"
 
 
 def _interval(job: Job, candidate: Candidate, setup_hours: float, cost: Decimal, cal: Calibration) -> Interval:
@@ -306,60 +332,8 @@ def _option(rank: int, job: Job, candidate: Candidate, setup_hours: float, cal: 
                   tokens_per_second=g.throughput.tokens_per_second, memory_gb_per_gpu=g.choice.memory.total_gib,
                   hours=candidate.base_hours, preemption_overhead_hours=candidate.preemption_hours,
                   expected_cost=cost, lines=lines,
-                  execution=execution_for(candidate.offer, g.choice, g.grad_accum, g.device.dtype),
+                  execution=execution_for(candidate.offer, g.choice, g.grad_accum, g.device.dtype, g.num_nodes),
                   interval=_interval(job, candidate, setup_hours, cost, cal))
-
-
-
-
-def _rejected(misses: list[RejectedCandidate], c) -> tuple[tuple[Rejected, ...], dict]:
-    """The cheapest few rejections per reason (all counted), cheapest first."""
-    by_reason: dict[str, list[RejectedCandidate]] = {}
-    for miss in misses:
-        by_reason.setdefault(miss.reason, []).append(miss)
-    kept = []
-    for items in by_reason.values():
-        cheapest = heapq.nsmallest(
-            KEEP_REJECTED_PER_REASON, items,
-            key=lambda m: (m.cost if m.cost is not None else math.inf, m.offer.price(m.spot) or 0))
-        for miss in cheapest:
-            kept.append(Rejected(miss.offer, miss.spot, miss.reason, _reject_detail(miss, c),
-                                 None if miss.cost is None else Decimal(repr(round(miss.cost, 6)))))
-    kept.sort(key=lambda r: (r.expected_cost is None, r.expected_cost or 0, r.offer.price(r.spot) or 0))
-    return tuple(kept), {reason: len(items) for reason, items in sorted(by_reason.items())}
-
-
-def _closest_miss(job: Job, misses: list[RejectedCandidate], offers_seen: int, cal: Calibration) -> str:
-    c = job.spec.constraints
-    if not offers_seen:
-        parts = [f"{k} {v}" for k, v in (("gpus", c.gpus), ("providers", c.providers), ("regions", c.regions)) if v]
-        parts.append(f"max_gpus {c.max_gpus}, spot {c.spot}")
-        if job.spec.execution is not None:
-            parts.append(f"execution {job.spec.execution.gpu_count}x{job.spec.execution.gpu}")
-        return f"no offer matches the constraints ({'; '.join(parts)})"
-    # The later a check, the closer the miss: budget failures passed memory, price and deadline.
-    for reason in ("over_budget", "misses_deadline", "over_max_price"):
-        items = [m for m in misses if m.reason == reason]
-        if items:
-            best = min(items, key=lambda m: m.hours if reason == "misses_deadline" else m.cost)
-            return f"nothing satisfies the spec; closest miss: {_where(best.offer, best.spot)}: {_reject_detail(best, c)}"
-    if any(m.reason == "does_not_fit_memory" for m in misses):
-        arch, spec = job.arch, job.spec
-        need = estimate_memory(arch, spec.method, seq_len=spec.seq_len, micro_batch=1, gradient_checkpointing=True,
-                               gpu_count=1, cal=cal, lora_r=spec.lora.r, target_modules=spec.lora.target_modules,
-                               lora_dropout=spec.lora.dropout)
-        if spec.method != "full":  # DDP keeps the whole frozen base on every GPU: more GPUs do not help
-            largest = max((m.offer for m in misses if m.reason == "does_not_fit_memory"), key=lambda o: o.vram_gb_per_gpu)
-            return (f"{spec.model} {spec.method} needs {need.total_gib:,.0f} GB on each GPU (micro-batch 1, gradient "
-                    f"checkpointing; data-parallel GPUs each hold the whole base model); the largest allowed GPU has "
-                    f"{largest.vram_gb_per_gpu:,.0f} GB ({largest.gpu}, {largest.provider})")
-        largest = max((m.offer for m in misses if m.reason == "does_not_fit_memory"),
-                      key=lambda o: o.gpu_count * o.vram_gb_per_gpu)
-        return (f"{spec.model} {spec.method} needs {need.total_gib:,.0f} GB across GPUs (micro-batch 1, gradient "
-                f"checkpointing); the largest allowed option has {largest.gpu_count * largest.vram_gb_per_gpu:,.0f} GB "
-                f"({largest.gpu_count}x {largest.gpu}, {largest.provider})")
-    gpus = sorted({m.offer.gpu for m in misses})
-    return f"nothing satisfies the spec: no GPU figures for {', '.join(gpus)}"
 
 
 def _device_resolver(cal: Calibration):
@@ -376,13 +350,34 @@ def _device_resolver(cal: Calibration):
     return device_of
 
 
+def node_outcomes(job: Job, offer: Offer, spot: bool, device: Optional[DeviceSpec], cal: Calibration,
+                  setup_hours: float) -> list[NodeOutcome]:
+    """One offer's variant on every node count the spec allows, judged as the ranking judges it: the
+    basis of `assumptions.nodes` (orchestrator/node_choice.py)."""
+    limits = Limits.of(job.spec.constraints)
+    outcomes = []
+    for n in node_counts(job.spec, offer.gpu_count):
+        g = _group(job, device, offer.gpu_count, offer.vram_gb_per_gpu, cal, n)
+        if g.choice is None:
+            outcomes.append(NodeOutcome(n, "does_not_fit_memory", needs_gib=g.smallest.total_gib,
+                                        has_gib=offer.vram_gb_per_gpu))
+            continue
+        price = offer.price(spot) * n
+        hours = g.train_hours + g.checkpoint_hours + setup_hours
+        if spot:
+            hours += preemption_overhead_hours(offer.provider, g.train_hours, g.interval_hours, cal, n).hours
+        cost = float(price) * hours
+        outcomes.append(NodeOutcome(n, limits.miss(price, hours, cost) or "feasible", hours, cost, price))
+    return outcomes
+
+
 def _build_plan(job: Job, feasible: list[Candidate], rejected: list[RejectedCandidate], managed: tuple,
-                cal: Calibration, snapshot: str, setup_hours: float, keep: int) -> Plan:
+                cal: Calibration, snapshot: str, setup_hours: float, keep: int, nodes: bool = False) -> Plan:
     # Only the kept few are fully sorted; ties on cost go to the shorter run, then by name.
     top = heapq.nsmallest(keep, feasible, key=lambda c: (c.cost, c.expected_hours))
     top.sort(key=lambda c: (c.cost, c.expected_hours, c.offer.provider, c.offer.region, c.offer.instance_type, c.spot))
     options = tuple(_option(i + 1, job, c, setup_hours, cal) for i, c in enumerate(top))
-    kept_rejected, counts = _rejected(rejected, job.spec.constraints)
+    kept_rejected, counts = kept_rejections(rejected, job.spec.constraints)
     assumptions = {
         "dataset": {"examples": job.dataset.examples, "tokens_per_epoch": job.dataset.tokens, "counted": job.dataset.how,
                     "train_tokens_per_epoch": job.dataset.train_tokens, "exact": job.dataset.exact,
@@ -395,6 +390,10 @@ def _build_plan(job: Job, feasible: list[Candidate], rejected: list[RejectedCand
         "rejected_counts": counts,
         "calibration": cal.assumptions(),
     }
+    if nodes and top and (job.spec.constraints.max_nodes > 1 or top[0].group.num_nodes > 1):
+        best = top[0]
+        outcomes = node_outcomes(job, best.offer, best.spot, best.group.device, cal, setup_hours)
+        assumptions["nodes"] = node_choice.to_json(outcomes, best.group.num_nodes, job.spec, best.offer.gpu_count)
     return Plan(job=job.spec.name, model_name=job.arch.name, params=job.arch.params, method=job.spec.method,
                 total_tokens=job.total_tokens, options=options, rejected=kept_rejected, managed=managed,
                 catalog_snapshot=snapshot, assumptions=assumptions)
@@ -416,11 +415,23 @@ def make_plan(spec, offers: Sequence[Offer], managed: Sequence = (), calibration
     allowed = [o for o in offers if _allowed(o, spec.constraints) and pinned_allows(o, spec.execution)]
     feasible, rejected = _evaluate(job, allowed, cal, setup_hours=setup_hours, device_of=_device_resolver(cal))
     if not feasible:
-        raise NoFeasibleOption(_closest_miss(job, rejected, len(allowed), cal))
+        raise NoFeasibleOption(closest_miss(job, rejected, len(allowed), cal))
     if snapshot is None:
         dates = sorted({o.read_on for o in offers if o.read_on})
         snapshot = f"prices read {dates[0]}" + (f" to {dates[-1]}" if len(dates) > 1 else "") if dates else "prices undated"
-    return _build_plan(job, feasible, rejected, _managed_quotes(managed, job), cal, snapshot, setup_hours, keep)
+    return _build_plan(job, feasible, rejected, _managed_quotes(managed, job), cal, snapshot, setup_hours, keep,
+                       nodes=True)
+
+
+def explain_nodes(spec, option: Option, calibration: Optional[Calibration] = None, *,
+                  dataset: Optional[DatasetTokens] = None) -> dict:
+    """`assumptions.nodes` for any catalog option: why it spans the nodes it does. make_plan gives it
+    for its own best; a plan cut down to what a backend launches may have another best."""
+    cal = calibration or load_calibration()
+    job = resolve_job(spec, dataset)
+    outcomes = node_outcomes(job, option.offer, option.spot, _device_resolver(cal)(option.offer), cal,
+                             cal.overheads.setup_minutes / 60)
+    return node_choice.to_json(outcomes, option.num_nodes, spec, option.offer.gpu_count)
 
 
 def plan_local(spec, gpu: str, gpu_count: int, price_per_hour, calibration: Optional[Calibration] = None, *,
@@ -437,14 +448,17 @@ def plan_local(spec, gpu: str, gpu_count: int, price_per_hour, calibration: Opti
     pin = spec.execution
     if pin is not None and (pin.gpu.lower() != gpu.lower() or pin.gpu_count != gpu_count):
         raise PinnedExecutionError(f"execution pins {pin.gpu_count}x{pin.gpu}; this machine has {gpu_count}x{gpu}")
+    if pin is not None and pin.num_nodes > 1:
+        raise PinnedExecutionError(f"execution pins {pin.num_nodes} nodes; this machine is one (SkyPilot or Ray run "
+                                   "several)")
     vram = vram_gb if vram_gb is not None else device.vram_gb
     price = Decimal(str(price_per_hour))
     offer = Offer(provider=LOCAL_PROVIDER, region="this-machine", instance_type="local", gpu=gpu, gpu_count=gpu_count,
                   vram_gb_per_gpu=vram if vram is not None else 0.0, price_on_demand=price, price_spot=None,
                   source="local")
-    g = _group(job, device, gpu_count, vram, cal)
+    g = _group(job, device, gpu_count, vram, cal, writes="local")
     if g.choice is None:
-        raise NoFeasibleOption(f"does not fit this machine: {_memory_detail(g, offer)}")
+        raise NoFeasibleOption(f"does not fit this machine: {memory_detail(g, offer)}")
     startup = local_startup_hours(job.arch, cal)
     hours = g.train_hours + g.checkpoint_hours + startup
     candidate = Candidate(float(price) * hours, hours, offer, False, price, g, hours)

@@ -110,13 +110,13 @@ class Option:
     """A feasible way to run the job: an offer, spot or not, with its estimate."""
 
     rank: int
-    offer: Offer
+    offer: Offer                  # one instance; the option spans execution.num_nodes of them
     spot: bool
-    price_per_hour: Decimal       # whole instance
+    price_per_hour: Decimal       # the whole job: num_nodes x the instance's price
     micro_batch: int
     grad_accum: int
     gradient_checkpointing: bool
-    tokens_per_second: float      # whole instance
+    tokens_per_second: float      # the whole job, all nodes
     memory_gb_per_gpu: float
     hours: float                  # compute hours with no preemption
     preemption_overhead_hours: float
@@ -146,10 +146,15 @@ class Option:
         return self.hours + self.preemption_overhead_hours
 
     @property
+    def num_nodes(self) -> int:
+        """Instances of the offer's type training together (the execution config says it once)."""
+        return self.execution.num_nodes
+
+    @property
     def placement(self) -> Placement:
         o = self.offer
         return Placement(provider=o.provider, region=o.region, gpu=o.gpu, gpu_count=o.gpu_count, spot=self.spot,
-                         price_per_hour=self.price_per_hour, instance_type=o.instance_type)
+                         price_per_hour=self.price_per_hour, instance_type=o.instance_type, num_nodes=self.num_nodes)
 
     def to_json(self) -> dict:
         o = self.offer
@@ -160,6 +165,7 @@ class Option:
             "instance_type": o.instance_type,
             "gpu": o.gpu,
             "gpu_count": o.gpu_count,
+            "num_nodes": self.num_nodes,
             "spot": self.spot,
             "price_per_hour": money_json(self.price_per_hour),
             "tokens_per_second": round(self.tokens_per_second, 1),
@@ -184,11 +190,12 @@ class Rejected:
     reason: str                   # one of REJECT_REASONS
     detail: str                   # "needs 1,130 GB across GPUs; this offer has 640 GB"
     expected_cost: Optional[Decimal] = None  # where it could be computed: to sort "cheapest rejected"
+    num_nodes: int = 1            # instances of the offer's type the rejected variant spans
 
     def to_json(self) -> dict:
         o = self.offer
         return {"provider": o.provider, "region": o.region, "gpu": o.gpu, "gpu_count": o.gpu_count,
-                "spot": self.spot, "reason": self.reason, "detail": self.detail}
+                "num_nodes": self.num_nodes, "spot": self.spot, "reason": self.reason, "detail": self.detail}
 
 
 # not_launchable: the backend cannot start it (a cloud `sky check` did not enable, a feature the

@@ -11,9 +11,10 @@ from typer.testing import CliRunner
 
 from contract.spec import parse_spec
 from orchestrator.architectures import resolve_architecture
-from orchestrator.calibrate import apply_fit, fit, measurements_from_ledger, read_fit
+from orchestrator.calibrate import apply_fit, checkpoint_writes_from_ledger, fit, measurements_from_ledger, read_fit
 from orchestrator.cli import app
 from orchestrator.estimate import load_calibration
+from orchestrator.estimate.preemption import checkpoint_bytes
 from orchestrator.estimate.throughput import estimate_throughput
 from orchestrator.ledger import Ledger
 from orchestrator.planner import plan_local
@@ -36,19 +37,25 @@ def shipped_tokens_per_second() -> float:
                                device=SHIPPED.device("CPU"), gpu_count=1, cal=SHIPPED, micro_batch=4).tokens_per_second
 
 
-def record_run(ledger: Ledger, tmp_path, n: int, measured: float) -> str:
-    """One finished local CPU run in the ledger: steps at `measured` tokens/s, plus the start-up."""
+def record_run(ledger: Ledger, tmp_path, n: int, measured: float, swing: float = 1.0,
+               checkpoints: tuple = ()) -> str:
+    """One finished local CPU run in the ledger: steps at `measured` tokens/s (alternately x and ÷
+    `swing` about it, the median staying `measured`), plus the start-up; `checkpoints`: (bytes,
+    seconds) of each checkpoint it wrote."""
     local = Offer("local", "this-machine", "local", "CPU", 1, 0.0, Decimal("2.0"), None)
     job_id = ledger.create_job(SPEC, SPEC_YAML, "local", make_plan(make_option(offer=local, spot=False, price="2.0")), 1)
     train_minutes = TOKENS / measured / 60
     wall_minutes = train_minutes + STARTUP_SECONDS / 60
     ledger.upsert_attempt(job_id, observed(1, 0, wall_minutes, "finished", price="2.0", provider="local",
                                            region="this-machine", gpu="CPU", spot=False))
-    steps = 10
+    steps = 11
+    rates = [measured] + [measured * swing ** (1 if s % 2 else -1) for s in range(1, steps)]
     write_events(tmp_path / f"{job_id}.jsonl", [
         event("start", 0.1, 1, micro_batch=4, grad_accum=2, gradient_checkpointing=False),
         *[event("step", 0.2 + s * train_minutes / steps, 1, step=s, tokens=TOKENS * s // steps, loss=2.0, lr=1e-4,
-                tokens_per_second=measured) for s in range(1, steps + 1)],
+                tokens_per_second=rates[s - 1]) for s in range(1, steps + 1)],
+        *[event("checkpoint", 0.2 + (i + 1) * train_minutes / (len(checkpoints) + 1), 1, step=i + 1,
+                path=f"ckpt-{i + 1}", bytes=size, seconds=seconds) for i, (size, seconds) in enumerate(checkpoints)],
         event("finished", wall_minutes, 1, step=steps, tokens=TOKENS),
     ])
     ledger.ingest_events(job_id, tmp_path / f"{job_id}.jsonl")
@@ -108,6 +115,19 @@ def test_three_consistent_runs_move_the_prediction_to_within_a_few_percent_of_th
     # Narrower than the shipped CPU error, though not below a third of it: three alike runs on a
     # shared CPU do not prove the fourth will be alike.
     assert after.interval.speed_error_factor == pytest.approx(before.interval.speed_error_factor ** (1 / 3))
+
+
+def test_runs_whose_steps_swing_quote_a_range_that_holds_their_steps(ledger, tmp_path):
+    """Alike medians do not make a quiet machine: steps that swung 6x either way within each run
+    widen the quote past the shipped floor (x/÷ 94 ** (1/3) = 4.55) to hold the speed of most of them."""
+    predicted = shipped_tokens_per_second()
+    for n in range(1, 4):
+        record_run(ledger, tmp_path, n, predicted * 0.3, swing=6.0)
+    assert fitted(ledger)["speed"][0]["error_factor"] == pytest.approx(6.0)
+    after = plan_local(SPEC, "CPU", 1, 2.0, apply_fit(SHIPPED, fitted(ledger))).best
+    for rate in (predicted * 0.3 * 6, predicted * 0.3 / 6):
+        assert after.tokens_per_second / after.interval.speed_error_factor * (1 - 1e-9) <= rate
+        assert rate <= after.tokens_per_second * after.interval.speed_error_factor * (1 + 1e-9)
 
 
 def test_the_interval_contains_every_run_it_was_fitted_on(ledger, tmp_path):
@@ -178,3 +198,41 @@ def test_a_state_dir_that_cannot_be_written_is_one_error_line(tmp_path):
     result = CliRunner().invoke(app, ["--state-dir", str(blocker / "state"), "calibrate"])
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [f"error: cannot write {blocker / 'state' / 'calibration.json'}: Not a directory"]
+
+
+MB = 1_000_000
+
+
+def test_checkpoint_writes_fit_a_rate_that_one_slow_write_does_not_move(ledger, tmp_path):
+    # 0.1 GB/s, give or take a little, then one write held up by something else (50x slower)
+    writes = [(8 * MB, 0.080), (8 * MB, 0.078), (16 * MB, 0.165), (8 * MB, 0.081)]
+    record_run(ledger, tmp_path, 1, 3000.0, checkpoints=tuple(writes[:2]))
+    record_run(ledger, tmp_path, 2, 3000.0, checkpoints=tuple(writes[2:]))
+    without = fit([], SHIPPED, checkpoint_writes_from_ledger(ledger))["checkpoint"]["local"]
+    slow_job = record_run(ledger, tmp_path, 3, 3000.0, checkpoints=((8 * MB, 4.0),))
+    data = fit([], SHIPPED, checkpoint_writes_from_ledger(ledger))
+    local = data["checkpoint"]["local"]
+    assert local["gb_per_s"] == pytest.approx(without["gb_per_s"], rel=1e-9)
+    assert 0.097 < local["gb_per_s"] < 0.103
+    assert (local["writes"], local["outliers"]) == (4, 1)
+    (reported,) = data["checkpoint_outliers"]
+    assert (reported["job"], reported["step"]) == (slow_job, 1)
+    assert reported["gb_per_s"] == pytest.approx(0.002)
+    assert "cloud" not in data["checkpoint"]   # a cloud store's rate is not a local disk's
+    text = CliRunner().invoke(app, ["--state-dir", str(tmp_path), "calibrate"]).output
+    assert f"local checkpoint writes (local disk): {local['gb_per_s']:.3g} GB/s over 4 write(s)" in text
+    assert f"outlier: {slow_job} attempt 1 checkpoint at step 1 wrote at 0.002 GB/s" in text
+
+
+def test_the_checkpoint_line_uses_the_fitted_write_rate_and_says_so(ledger, tmp_path):
+    record_run(ledger, tmp_path, 1, 3000.0, checkpoints=((10 * MB, 0.2), (10 * MB, 0.2)))
+    spec = parse_spec({**RAW_SPEC, "checkpoint": {"every_steps": 10}})
+    cal = apply_fit(SHIPPED, fit([], SHIPPED, checkpoint_writes_from_ledger(ledger)))
+    (before,) = [line for line in plan_local(spec, "CPU", 1, 2.0, SHIPPED).best.lines if line.item == "checkpoint writes"]
+    (after,) = [line for line in plan_local(spec, "CPU", 1, 2.0, cal).best.lines if line.item == "checkpoint writes"]
+    size = checkpoint_bytes(resolve_architecture("tiny-llama"), "lora", spec.lora.r, spec.lora.target_modules, SHIPPED)
+    assert f"x {size / 1e9:.3g} s to write at 1 GB/s: shipped calibration" in before.formula
+    assert f"x {size / 0.05e9:.3g} s to write at 0.05 GB/s: 2 checkpoint writes in your ledger" in after.formula
+    assert after.amount > before.amount
+    # a cloud plan keeps the shipped rate: a local disk's says nothing of a cloud node's store
+    assert cal.checkpoint_write("cloud") == (SHIPPED.overheads.checkpoint_write_gb_per_s, "shipped calibration")

@@ -28,7 +28,7 @@ def test_every_shipped_config_is_valid_for_training(config):
 
 def test_the_job_spec_is_the_training_spec_plus_the_planning_sections():
     planning = set(JobSpec.model_fields) - set(TrainingSpec.model_fields)
-    assert planning == {"constraints", "local", "sky"}
+    assert planning == {"constraints", "local", "sky", "ray"}
 
 
 def test_the_tiny_demo_points_at_the_shipped_dataset():

@@ -28,7 +28,15 @@ def _load(spec_path: Path, backend=None, price_per_hour: Optional[float] = None,
     if backend is not None:
         from orchestrator.jobs import make_job_plan
 
-        return spec, make_job_plan(spec, backend, price_per_hour, calibration)
+        plan = make_job_plan(spec, backend, price_per_hour, calibration)
+        if backend.pricing == "catalog" and spec.constraints.max_nodes > 1 and "nodes" not in plan.assumptions:
+            from dataclasses import replace
+
+            from orchestrator.planner import explain_nodes
+
+            # The backend could not launch the planner's best: say why its own best spans the nodes it does.
+            plan = replace(plan, assumptions={**plan.assumptions, "nodes": explain_nodes(spec, plan.best, calibration)})
+        return spec, plan
     from orchestrator.catalog import load_managed_prices, load_offers
     from orchestrator.planner import make_plan
 
@@ -36,7 +44,15 @@ def _load(spec_path: Path, backend=None, price_per_hour: Optional[float] = None,
 
 
 def _gpu(o) -> str:
-    return f"{o.offer.gpu} x{o.offer.gpu_count}"
+    """H100 x8, or on several nodes: H100 x8 x 2 nodes (an Option or a Rejected)."""
+    return f"{o.offer.gpu} x{o.offer.gpu_count}" + (f" x {o.num_nodes} nodes" if o.num_nodes > 1 else "")
+
+
+def _scaling_notes(gpu_count: int, num_nodes: int) -> list[str]:
+    from orchestrator.estimate import load_calibration
+    from orchestrator.estimate.scaling import assumption_notes
+
+    return assumption_notes(gpu_count, num_nodes, load_calibration())
 
 
 def _headline(plan) -> str:
@@ -64,6 +80,10 @@ def _print_sources(console, options, method: str) -> None:
             seen.setdefault((o.execution.gpu, o.interval.speed_source), o.interval)
     for (gpu, source), i in seen.items():
         console.print(f"  {gpu} {method} speed: {source}, {i.error_text()}", markup=False, style="dim")
+    spans = next((o for o in options if o.num_nodes > 1), None)
+    if spans is not None:  # a speed over several nodes rests on scaling figures no run has measured yet
+        for note in _scaling_notes(spans.offer.gpu_count, spans.num_nodes):
+            console.print(f"  {note}", markup=False, style="dim")
     best = options[0] if options else None
     if best is not None and best.interval is not None:
         i = best.interval
@@ -123,7 +143,7 @@ def _print_managed(console, plan) -> None:
 def _rejected_line(r) -> list[str]:
     o = r.offer
     cost = f"would cost {usd(r.expected_cost)}" if r.expected_cost is not None else ""
-    return [f"  {o.gpu} x{o.gpu_count}", f"{o.provider} {region_label(o.region)}", "spot" if r.spot else "on-demand",
+    return [f"  {_gpu(r)}", f"{o.provider} {region_label(o.region)}", "spot" if r.spot else "on-demand",
             cost, f"{r.reason.replace('_', ' ')}: {r.detail}"]
 
 
@@ -175,24 +195,31 @@ def _explain(console, spec, plan) -> None:
     from orchestrator.quote import money
 
     best = plan.best
+    world = best.execution.world_size
     mem = estimate_memory(resolve_architecture(spec.model), spec.method, seq_len=spec.seq_len, micro_batch=best.micro_batch,
-                          gradient_checkpointing=best.gradient_checkpointing, gpu_count=best.offer.gpu_count,
+                          gradient_checkpointing=best.gradient_checkpointing, gpu_count=world,
                           cal=load_calibration(), lora_r=spec.lora.r, target_modules=spec.lora.target_modules,
                           lora_dropout=spec.lora.dropout, dtype=best.execution.dtype)
     o = best.offer
-    console.print(f"\n[bold]best option[/]: {o.gpu} x{o.gpu_count} {o.provider} {region_label(o.region)} "
+    console.print(f"\n[bold]best option[/]: {_gpu(best)} {o.provider} {region_label(o.region)} "
                   f"({o.instance_type}), {'spot' if best.spot else 'on-demand'}")
-    shard = {"fsdp": f", model states sharded over {o.gpu_count} GPUs (FSDP)",
-             "ddp": f", the whole model on each of {o.gpu_count} GPUs (DDP)"}.get(best.execution.sharding, "")
+    nodes = plan.assumptions.get("nodes")
+    if nodes:
+        console.print(f"nodes: {nodes['why']}", markup=False)
+    gpus = f"{best.num_nodes} nodes x {o.gpu_count} = {world} GPUs" if best.num_nodes > 1 else f"{o.gpu_count} GPUs"
+    shard = {"fsdp": f", model states sharded over {gpus} (FSDP)",
+             "ddp": f", the whole model on each of {gpus} (DDP)"}.get(best.execution.sharding, "")
     console.print(phrases([f"memory per GPU: micro-batch {best.micro_batch} x {spec.seq_len} tokens",
                            f"gradient checkpointing {'on' if best.gradient_checkpointing else 'off'}",
                            f"gradient accumulation {best.grad_accum}",
                            f"{best.execution.attention}, {best.execution.dtype}{shard}"], console.width, sep=", "))
     for item, gib in mem.breakdown():
-        if item.startswith("FSDP") and o.gpu_count == 1:
+        if item.startswith("FSDP") and world == 1:
             continue
         console.print(f"  {item:<42} {gib:>9.2f} GB", markup=False)
     console.print(f"  {'total':<42} {mem.total_gib:>9.2f} GB  of {o.vram_gb_per_gpu:g} GB", markup=False)
+    for note in _scaling_notes(o.gpu_count, best.num_nodes):
+        console.print(f"speed: {note}", markup=False)
     console.print("cost:")
     for line in best.lines:
         console.print(f"  {line.item:<28} ${money(line.amount):>10,}   {line.formula}", markup=False)
@@ -218,7 +245,7 @@ def diff_json(plan_a, plan_b, name_a: str, name_b: str) -> dict:
     def side(plan, name):
         o = plan.best
         return {"spec": name, "job": plan.job, "provider": o.offer.provider, "region": o.offer.region,
-                "gpu": o.offer.gpu, "gpu_count": o.offer.gpu_count, "spot": o.spot,
+                "gpu": o.offer.gpu, "gpu_count": o.offer.gpu_count, "num_nodes": o.num_nodes, "spot": o.spot,
                 "expected_cost": money_json(o.expected_cost), "expected_hours": round(o.expected_hours, 6),
                 "total_tokens": plan.total_tokens}
 

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Optional
 
 from orchestrator.datafile import display_path, load_data_file, validate
-from orchestrator.estimate.figures import (CalibrationFile, MicroStepFloor, Overheads, PreemptionFile, PreemptionRisk,
-                                           QloraDequantization, RecipeFigures, RuntimeFigures)
+from orchestrator.estimate.figures import (CalibrationFile, InterNodeScaling, MicroStepFloor, Overheads, PreemptionFile,
+                                           PreemptionRisk, QloraDequantization, QloraFp32Upcast, RecipeFigures,
+                                           RuntimeFigures)
 
 HERE = Path(__file__).parent
 CALIBRATION_PATH = HERE / "calibration.yaml"
@@ -80,13 +81,24 @@ class SetupFit:
 
 
 @dataclass(frozen=True)
+class CheckpointFit:
+    """Checkpoint write rate fitted from the ledger's checkpoint rows (bytes over seconds): `local`
+    disk or a `cloud` node's store."""
+
+    gb_per_s: float
+    error_factor: float
+    writes: int
+    outliers: int = 0
+
+
+@dataclass(frozen=True)
 class Calibration:
     """Every figure the estimates use, read once from the data files beside this module."""
 
     recipe: RecipeFigures
     runtime: RuntimeFigures
     mfu: dict[str, Curve]                  # method -> Curve (full, lora; QLoRA derives from lora)
-    qlora_slowdown: Curve                  # with the fp32 upcast; a flat 1.0 without (the mechanism below)
+    qlora_upcast: Optional[QloraFp32Upcast]  # the fp32 parts' rate with the upcast; None without it
     multi_gpu_efficiency: dict[int, float]  # gpu count -> efficiency
     micro_step_floor: MicroStepFloor
     devices: dict[str, DeviceSpec]          # catalog GPUs plus local devices
@@ -97,7 +109,10 @@ class Calibration:
     speed_error: dict = field(default_factory=dict)    # method -> shipped error factor
     speed_fits: dict = field(default_factory=dict)     # (device, method) -> SpeedFit from the ledger
     setup_fits: dict = field(default_factory=dict)     # "local" / "cloud" -> SetupFit from the ledger
-    qlora_dequantization: Optional[QloraDequantization] = None   # None with the fp32 upcast (in its slowdown)
+    checkpoint_fits: dict = field(default_factory=dict)  # "local" / "cloud" -> CheckpointFit from the ledger
+    qlora_dequantization: Optional[QloraDequantization] = None   # with the fp32 upcast and without
+    multi_gpu_assumed: bool = False                    # multi_gpu_efficiency is an assumption, not measured
+    inter_node: Optional[InterNodeScaling] = None      # across nodes (orchestrator/estimate/scaling.py)
 
     def speed_factor(self, device: str, method: str) -> float:
         fit = self.speed_fits.get((device, method))
@@ -116,6 +131,14 @@ class Calibration:
             return spec.speed_error, "shipped calibration"
         return self.speed_error.get(method, 1.0), "shipped calibration"
 
+    def checkpoint_write(self, kind: str) -> tuple[float, str]:
+        """(GB/s, where the figure comes from) for writing checkpoints on `local` disk or from a
+        `cloud` node: the ledger fit, else the shipped figure."""
+        fit = self.checkpoint_fits.get(kind)
+        if fit is not None:
+            return fit.gb_per_s, f"{fit.writes} checkpoint write{'s' if fit.writes != 1 else ''} in your ledger"
+        return self.overheads.checkpoint_write_gb_per_s, "shipped calibration"
+
     def device(self, name: str) -> Optional[DeviceSpec]:
         return self.devices.get(name)
 
@@ -133,11 +156,13 @@ class Calibration:
             "recipe": self.recipe.model_dump(),
             "runtime": self.runtime.model_dump(exclude={"source"}),
             "mfu": {m: [list(p) for p in c.points] for m, c in self.mfu.items()},
-            "qlora_slowdown": [list(p) for p in self.qlora_slowdown.points],
+            "qlora_fp32_upcast": self.qlora_upcast.model_dump(exclude={"source"}) if self.qlora_upcast else None,
             "qlora_dequantization": (self.qlora_dequantization.model_dump(exclude={"source"})
                                      if self.qlora_dequantization else None),
             "multi_gpu_efficiency": {str(k): v for k, v in sorted(self.multi_gpu_efficiency.items())},
             "micro_step_floor": self.micro_step_floor.model_dump(exclude={"source"}),
+            "scaling": {"intra_node_assumed": self.multi_gpu_assumed,
+                        "inter_node": self.inter_node.model_dump(exclude={"source"}) if self.inter_node else None},
             "overheads": self.overheads.model_dump(exclude={"source"}),
             "preemption": {"default": self.preemption_default.model_dump(),
                            **{p: v.model_dump() for p, v in sorted(self.preemption_providers.items())}},
@@ -146,7 +171,8 @@ class Calibration:
             "sources": dict(self.sources),
             "speed_error": dict(self.speed_error),
             "ledger_fit": {"speed": [vars(f) for _, f in sorted(self.speed_fits.items())],
-                           "setup": {k: vars(f) for k, f in sorted(self.setup_fits.items())}},
+                           "setup": {k: vars(f) for k, f in sorted(self.setup_fits.items())},
+                           "checkpoint": {k: vars(f) for k, f in sorted(self.checkpoint_fits.items())}},
         }
 
 
@@ -176,10 +202,11 @@ def calibration_from_data(calibration: CalibrationFile | dict, preemption: Preem
         "recipe": calibration.recipe.source,
         "runtime": calibration.runtime.source,
         "mfu": {m: [p.source for p in points] for m, points in mfu.items()},
-        "qlora_slowdown": ([p.source for p in tp.qlora_slowdown.fp32_upcast] if upcast
-                           else tp.qlora_dequantization.source),
+        "qlora_dequantization": tp.qlora_dequantization.source,
+        **({"qlora_fp32_upcast": tp.qlora_fp32_upcast.source} if upcast else {}),
         "multi_gpu_efficiency": tp.multi_gpu_efficiency.source,
         "micro_step_floor": tp.micro_step_floor.source,
+        "inter_node_scaling": calibration.scaling.inter_node.source,
         "devices": {n: d.source for n, d in calibration.devices.items()},
         "overheads": calibration.overheads.source,
         "speed_error": {m: e.source for m, e in tp.speed_error.items()},
@@ -188,9 +215,11 @@ def calibration_from_data(calibration: CalibrationFile | dict, preemption: Preem
         recipe=calibration.recipe,
         runtime=calibration.runtime,
         mfu={m: _curve(points, "mfu") for m, points in mfu.items()},
-        qlora_slowdown=_curve(tp.qlora_slowdown.fp32_upcast, "factor") if upcast else Curve(((1.0, 1.0),)),
-        qlora_dequantization=None if upcast else tp.qlora_dequantization,
+        qlora_upcast=tp.qlora_fp32_upcast if upcast else None,
+        qlora_dequantization=tp.qlora_dequantization,
         multi_gpu_efficiency=dict(tp.multi_gpu_efficiency.counts),
+        multi_gpu_assumed=tp.multi_gpu_efficiency.assumed,
+        inter_node=calibration.scaling.inter_node,
         micro_step_floor=tp.micro_step_floor,
         devices=devices,
         overheads=calibration.overheads,

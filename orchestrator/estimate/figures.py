@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, StrictBool
+from pydantic import Field, StrictBool, field_validator
 
 from orchestrator.datafile import DataModel, Number, PositiveNumber, PositiveReal, Real
 
@@ -53,28 +53,24 @@ class MfuPoint(DataModel):
     source: str
 
 
-class SlowdownPoint(DataModel):
-    params: PositiveReal
-    factor: PositiveReal
-    source: str
-
-
 class MfuByMethod(DataModel):
-    # QLoRA has no curve of its own: it is LoRA's MFU divided by the QLoRA slowdown.
+    # QLoRA has no curve of its own: LoRA's MFU, plus its dequantization (and fp32 parts with the upcast).
     full: list[MfuPoint] = Field(min_length=1)
     lora: list[MfuPoint] = Field(min_length=1)
 
 
-class QloraSlowdown(DataModel):
-    """QLoRA time per token over LoRA's with prepare_model_for_kbit_training's fp32 upcast (the
-    anchors' naive loop); without it, QloraDequantization models the cost from its mechanism."""
+class QloraFp32Upcast(DataModel):
+    """QLoRA with prepare_model_for_kbit_training's fp32 upcast (the anchors' naive loop): attention
+    and the frozen head run in fp32, at the GPU's fp32 peak x fp32_mfu."""
 
-    fp32_upcast: list[SlowdownPoint] = Field(min_length=1)
+    fp32_peak_per_bf16_peak: PositiveReal   # the fp32 rate, from each GPU's dense bf16 peak
+    fp32_mfu: PositiveReal                  # achieved / fp32 peak for those parts
+    source: str
 
 
 class QloraDequantization(DataModel):
-    """QLoRA without the fp32 upcast runs LoRA's bf16 matmuls plus, on every pass over a layer, one
-    dequantization of its NF4 linear weights to bf16: a memory-bound kernel, bytes over bandwidth."""
+    """QLoRA runs LoRA's bf16 matmuls plus, on every pass over a layer, one dequantization of its NF4
+    linear weights to bf16: a memory-bound kernel, bytes over bandwidth."""
 
     bytes_per_param: PositiveReal        # read NF4 and its constants, write the bf16 copy
     passes: int = Field(ge=1)             # per micro-step without gradient checkpointing
@@ -93,7 +89,30 @@ class MicroStepFloor(DataModel):
 
 class MultiGpuEfficiency(DataModel):
     counts: dict[int, PositiveReal] = Field(min_length=1)   # GPU count -> fraction of linear scaling
+    assumed: StrictBool = False   # true until a measured run replaces the figures: plans say so
     source: str
+
+
+class InterNodeScaling(DataModel):
+    """Training over N nodes of one instance type: efficiency(N) = per_doubling ** log2(N)
+    (orchestrator/estimate/scaling.py). Above 0.5, so that a node always adds speed."""
+
+    per_doubling: PositiveReal
+    assumed: StrictBool
+    source: str
+
+    @field_validator("per_doubling")
+    @classmethod
+    def _adds_speed(cls, value: float) -> float:
+        if not 0.5 < value <= 1.0:
+            raise ValueError("must be above 0.5 (each doubling of the nodes still speeds training up) and at most 1")
+        return value
+
+
+class ScalingFigures(DataModel):
+    """Across nodes; within one node it is throughput.multi_gpu_efficiency."""
+
+    inter_node: InterNodeScaling
 
 
 class SpeedError(DataModel):
@@ -108,7 +127,7 @@ class ThroughputFigures(DataModel):
     reference_gpu: str
     reference_peak_tflops: PositiveReal
     mfu: MfuByMethod
-    qlora_slowdown: QloraSlowdown
+    qlora_fp32_upcast: QloraFp32Upcast
     qlora_dequantization: QloraDequantization
     micro_step_floor: MicroStepFloor
     multi_gpu_efficiency: MultiGpuEfficiency
@@ -154,6 +173,7 @@ class CalibrationFile(DataModel):
     throughput: ThroughputFigures
     devices: dict[str, DeviceFigures] = Field(default_factory=dict)
     overheads: Overheads
+    scaling: ScalingFigures
 
 
 class PreemptionRisk(DataModel):

@@ -1,10 +1,13 @@
 """Time a run spends outside useful training: spot preemptions and checkpoint writes.
 
-    preemption overhead hours = rate/h x compute hours x (checkpoint interval / 2 + restart time)
+    preemption overhead hours = N nodes x rate/h x compute hours x (checkpoint interval / 2 + restart time)
 
 A preemption loses, on average, half a checkpoint interval of work, then waits for a new
 instance and reloads the checkpoint. Rates and restart times are per provider in
-preemption.yaml. Checkpoint writes pause training on spot and on-demand alike.
+preemption.yaml. On N spot nodes the preemption of any one stops every rank (a collective cannot
+finish without it) and the whole job restarts from its last complete checkpoint, so the job is
+preempted N times as often; the restart time stays one node's, as the nodes are replaced in
+parallel. Checkpoint writes pause training on spot and on-demand alike.
 """
 from __future__ import annotations
 
@@ -36,11 +39,12 @@ def checkpoint_bytes(arch: ModelArch, method: str, lora_r: int, target_modules, 
 
 
 def checkpoint_writes(run_hours: float, interval_hours: float, bytes_per_checkpoint: float,
-                      cal: Calibration) -> tuple[int, float]:
-    """(checkpoints written during the run, seconds each): training pauses while one is written."""
+                      cal: Calibration, kind: str = "cloud") -> tuple[int, float]:
+    """(checkpoints written during the run, seconds each): training pauses while one is written.
+    `kind`: `local` disk or a `cloud` node, whose write rates the ledger fits apart."""
     if interval_hours <= 0 or run_hours <= 0:
         return 0, 0.0
-    return int(run_hours // interval_hours), bytes_per_checkpoint / (cal.overheads.checkpoint_write_gb_per_s * 1e9)
+    return int(run_hours // interval_hours), bytes_per_checkpoint / (cal.checkpoint_write(kind)[0] * 1e9)
 
 
 @dataclass(frozen=True)
@@ -52,13 +56,22 @@ class PreemptionOverhead:
     restart_hours: float
     interval_hours: float
     source: str
+    num_nodes: int = 1
+    node_rate_per_hour: float = 0.0   # one node's; rate_per_hour is the job's, num_nodes x this
+
+    def rate_text(self) -> str:
+        """The rate as the cost line shows it: 0.05/h, or 2 nodes x 0.05/h."""
+        if self.num_nodes > 1:
+            return f"{self.num_nodes} nodes x {self.node_rate_per_hour:g}/h"
+        return f"{self.rate_per_hour:g}/h"
 
 
 def preemption_overhead_hours(provider: str, run_hours: float, interval_hours: float,
-                              cal: Calibration) -> PreemptionOverhead:
-    """The expected extra hours on spot for this provider."""
+                              cal: Calibration, num_nodes: int = 1) -> PreemptionOverhead:
+    """The expected extra hours on spot for this provider, for a job spanning `num_nodes` spot nodes."""
     risk = cal.preemption(provider)
-    rate = float(risk.rate_per_hour)
+    node_rate = float(risk.rate_per_hour)
+    rate = node_rate * num_nodes
     restart_hours = float(risk.restart_minutes) / 60
     extra = rate * run_hours * (interval_hours / 2 + restart_hours)
-    return PreemptionOverhead(extra, rate, restart_hours, interval_hours, risk.source)
+    return PreemptionOverhead(extra, rate, restart_hours, interval_hours, risk.source, num_nodes, node_rate)
