@@ -32,6 +32,7 @@ from typing import Iterable, Optional
 
 from contract.errors import UserError
 from orchestrator.estimate import Calibration, CheckpointFit, SetupFit, SpeedFit
+from orchestrator.estimate.scaling import across_nodes
 
 FIT_FILE = "calibration.json"
 FIT_VERSION = 1
@@ -267,8 +268,12 @@ def measurements_from_ledger(ledger, cal: Calibration) -> tuple[list[Measurement
                 skipped.append(f"{where}: {why}")
                 continue
             measured = statistics.median(rates)
-            predicted = estimate_throughput(arch, job.method, seq_len=seq_len, gradient_checkpointing=ckpt, device=device,
-                                            gpu_count=a.gpu_count, cal=cal, micro_batch=micro, fitted=False)
+            # A multi-node attempt's samples are the whole job's tokens/s: predict all its nodes (with the
+            # assumed inter-node scaling), so its ratio fits the device's speed like a one-node run's.
+            predicted = across_nodes(
+                estimate_throughput(arch, job.method, seq_len=seq_len, gradient_checkpointing=ckpt, device=device,
+                                    gpu_count=a.gpu_count, cal=cal, micro_batch=micro, fitted=False),
+                a.num_nodes, cal)
             writes = sum(c.seconds or 0.0 for c in checkpoints if c.attempt == a.n)
             setup = None
             if a.tokens:

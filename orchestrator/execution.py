@@ -58,9 +58,12 @@ def pinned_allows(offer: Offer, pin: Optional[ExecutionConfig]) -> bool:
 def node_counts(spec, gpu_count: int) -> tuple[int, ...]:
     """The node counts an instance with `gpu_count` GPUs is priced at: 1 to constraints.max_nodes (a
     pinned execution: its own), skipping any N > 1 whose N x gpu_count GPUs batch.global does not
-    split evenly over, as the recipe requires (contract/spec.py); one node is priced as it always was."""
+    split evenly over, as the recipe requires (contract/spec.py); none when not even one node's GPUs
+    split it."""
     pin = spec.execution
     if pin is not None:
         return (pin.num_nodes,)
     global_batch = spec.batch.global_
+    if global_batch % gpu_count:
+        return ()   # not even one node: the planner rejects the offer (batch_does_not_split)
     return (1,) + tuple(n for n in range(2, spec.constraints.max_nodes + 1) if global_batch % (gpu_count * n) == 0)

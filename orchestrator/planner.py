@@ -278,6 +278,9 @@ def _evaluate(job: Job, offers: Iterable[Offer], cal: Calibration, *, setup_hour
         counts = counts_of.get(offer.gpu_count)
         if counts is None:
             counts = counts_of[offer.gpu_count] = node_counts(job.spec, offer.gpu_count)
+        uneven = not counts   # the recipe would refuse the node spec: rejected, with one group for its detail
+        if uneven:
+            counts = (1,)
         if device is None:
             counts = counts[:1]   # no figures for this GPU: one rejection, whatever the node count
         fits, closest = False, None   # closest: the group nearest to fitting, for the rejection when none fits
@@ -286,7 +289,7 @@ def _evaluate(job: Job, offers: Iterable[Offer], cal: Calibration, *, setup_hour
             g = groups.get(key)
             if g is None:
                 g = groups[key] = _group(job, device, offer.gpu_count, offer.vram_gb_per_gpu, cal, n)
-            if g.choice is None:
+            if uneven or g.choice is None:
                 if closest is None or g.smallest.total < closest.smallest.total:
                     closest = g
                 continue
@@ -297,7 +300,8 @@ def _evaluate(job: Job, offers: Iterable[Offer], cal: Calibration, *, setup_hour
             if has_spot:
                 consider(offer, True, spot_price * n if n > 1 else spot_price, key, g, base_hours)
         if not fits:
-            reason = "unknown_gpu" if closest.device is None else "does_not_fit_memory"
+            reason = ("batch_does_not_split" if uneven else
+                      "unknown_gpu" if closest.device is None else "does_not_fit_memory")
             if has_on_demand:
                 add_rejected(RejectedCandidate(reason, offer, False, None, None, closest))
             if has_spot:

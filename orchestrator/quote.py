@@ -199,9 +199,10 @@ class Rejected:
 
 
 # not_launchable: the backend cannot start it (a cloud `sky check` did not enable, a feature the
-# cloud lacks); the detail is the backend's own reason.
+# cloud lacks); the detail is the backend's own reason. batch_does_not_split: batch.global over the
+# instance's GPUs is not whole, and the recipe splits it evenly or refuses the node spec.
 REJECT_REASONS = ("does_not_fit_memory", "over_max_price", "misses_deadline", "over_budget", "no_spot_market",
-                  "unknown_gpu", "not_launchable")
+                  "unknown_gpu", "not_launchable", "batch_does_not_split")
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,8 @@ def where(offer: Offer, spot: bool, num_nodes: int = 1) -> str:
 
 def reject_detail(miss, c) -> str:
     offer = miss.offer
+    if miss.reason == "batch_does_not_split":
+        return f"batch.global does not split evenly over {offer.gpu_count} GPUs (every GPU trains the same micro-batches)"
     if miss.reason == "unknown_gpu":
         return f"no peak TFLOP/s for GPU '{offer.gpu}' in the GPU table"
     if miss.reason == "does_not_fit_memory":
@@ -96,5 +98,9 @@ def closest_miss(job, misses: list, offers_seen: int, cal: Calibration) -> str:
         return (f"{spec.model} {spec.method} needs {need.total_gib:,.0f} GB across GPUs (micro-batch 1, gradient "
                 f"checkpointing); the largest allowed option has {n * o.gpu_count * o.vram_gb_per_gpu:,.0f} GB "
                 f"({f'{n} nodes x ' if n > 1 else ''}{o.gpu_count}x {o.gpu}, {o.provider}){hint}")
-    gpus = sorted({m.offer.gpu for m in misses})
+    gpus = sorted({m.offer.gpu for m in misses if m.reason == "unknown_gpu"})
+    if not gpus:
+        counts = sorted({m.offer.gpu_count for m in misses})
+        return (f"nothing satisfies the spec: batch.global {job.spec.batch.global_} does not split evenly over "
+                f"{', '.join(map(str, counts))} GPUs; choose a batch.global they divide")
     return f"nothing satisfies the spec: no GPU figures for {', '.join(gpus)}"

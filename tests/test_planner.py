@@ -119,6 +119,17 @@ def test_an_offer_too_small_is_rejected_for_memory_with_the_figures():
     assert "GB per GPU" in reasons["big"].detail and "80 GB" in reasons["big"].detail
 
 
+def test_an_instance_whose_gpus_do_not_split_the_global_batch_is_rejected_not_planned():
+    # 5 GPUs cannot share batch.global 32 evenly, and the recipe refuses such a node spec: never an option.
+    offers = [offer("five", count=5, on_demand="5.00"), offer("four", count=4, on_demand="16.00")]
+    plan = make_plan(spec(batch={"global": 32}), offers, ())
+    assert [o.offer.provider for o in plan.options] == ["four"]
+    (five,) = [r for r in plan.rejected if r.offer.provider == "five"]
+    assert five.reason == "batch_does_not_split" and "5 GPUs" in five.detail
+    with pytest.raises(NoFeasibleOption, match="batch.global 32 does not split evenly over 5 GPUs"):
+        make_plan(spec(batch={"global": 32}), offers[:1], ())
+
+
 def test_infeasible_spec_names_the_closest_miss_in_gb():
     offers = [offer(count=8, on_demand="30.00"), offer(count=1, on_demand="4.00")]
     with pytest.raises(NoFeasibleOption) as e:
