@@ -80,18 +80,23 @@ def unsupported(resources, features) -> Optional[str]:
     return None
 
 
-def launch_problem(resources, priced: bool = True) -> Optional[str]:
-    """Why SkyPilot could not launch these resources, in one line, or None: a feature the resources
-    need that the cloud lacks, or an offer its catalog does not list there. A sky.Resources builds
+def launch_problem(resources, priced: bool = True, num_nodes: int = 1) -> Optional[str]:
+    """Why SkyPilot could not launch these resources on `num_nodes` nodes, in one line, or None: a
+    feature the resources need that the cloud lacks (MULTI_NODE too for several nodes, as SkyPilot's
+    Task.get_required_cloud_features asks), or an offer its catalog does not list there. A sky.Resources builds
     for an instance type the region lacks, and fails only once priced; the optimizer's own check
     (cloud.get_feasible_launchable_resources) and a price for an hour find it here instead."""
     from sky import exceptions
+    from sky.clouds import CloudImplementationFeatures
 
-    missing = unsupported(resources, resources.get_required_cloud_features())
+    features = set(resources.get_required_cloud_features())
+    if num_nodes > 1:
+        features.add(CloudImplementationFeatures.MULTI_NODE)
+    missing = unsupported(resources, features)
     if missing:
-        return f"{resources.cloud} cannot run it: {missing}"
+        return f"{resources.cloud} cannot run it{f' on {num_nodes} nodes' if num_nodes > 1 else ''}: {missing}"
     try:
-        found = resources.cloud.get_feasible_launchable_resources(resources, num_nodes=1)
+        found = resources.cloud.get_feasible_launchable_resources(resources, num_nodes=num_nodes)
         if not found.resources_list:
             hint = " ".join(str(found.hint or "").split())
             return f"not in SkyPilot's {resources.cloud} catalog there" + (f": {hint}" if hint else "")
@@ -102,13 +107,13 @@ def launch_problem(resources, priced: bool = True) -> Optional[str]:
     return None
 
 
-# (cloud, instance type, GPU, count, spot) -> (problem, regions listing it, can mount buckets). The
+# (cloud, instance type, GPU, count, spot, nodes) -> (problem, regions listing it, can mount buckets). The
 # catalog is fixed once sky is imported, so a verdict holds for the process.
 _OFFER_VERDICTS: dict[tuple, tuple[Optional[str], frozenset[str], bool]] = {}
 
 
 class OfferChecks:
-    """SkyPilot's verdict on each offer (cloud, instance type, GPUs, spot), asked once, and the
+    """SkyPilot's verdict on each offer (cloud, instance type, GPUs, spot, nodes), asked once, and the
     regions its catalog lists the offer in: a plan lists one offer in many regions, and the
     catalog checks cost tens of milliseconds each (GCP's accelerator-to-host check far more)."""
 
@@ -125,7 +130,7 @@ class OfferChecks:
         return self._offer(p)[2]
 
     def _offer(self, p: Placement) -> tuple[Optional[str], frozenset[str], bool]:
-        key = (p.provider, p.instance_type, p.gpu, p.gpu_count, p.spot)
+        key = (p.provider, p.instance_type, p.gpu, p.gpu_count, p.spot, p.num_nodes)
         if key not in self._offers:
             self._offers[key] = self._check(p)
         return self._offers[key]
@@ -140,7 +145,7 @@ class OfferChecks:
                                       accelerators={p.gpu: p.gpu_count}, use_spot=p.spot)
         except (ValueError, exceptions.ResourcesUnavailableError) as e:
             return f"not in SkyPilot's {cloud_named(p.provider)} catalog: {first_line(e)}", frozenset(), False
-        problem = launch_problem(resources, priced=False)  # priced per region, from `regions` below
+        problem = launch_problem(resources, priced=False, num_nodes=p.num_nodes)  # priced per region, below
         if problem:
             return problem, frozenset(), False
         regions = resources.cloud.regions_with_offering(p.instance_type, {p.gpu: p.gpu_count}, p.spot, None, None,

@@ -23,6 +23,8 @@ should_restart_on_failure). It has no code it never retries, so the run script d
   no model download;
 - a crash: 76 while fewer than spec.sky.max_restarts_on_errors crashes were retried (the count is
   kept in the durable store, since a restart is a new node), then 1, which ends the job.
+On several nodes only the head asks for this status (its rank 0 has the events, and one count per
+crash); a worker ends 0 and leaves the job's status to the head (launch/sky_scripts.py says why).
 """
 from __future__ import annotations
 

@@ -14,7 +14,9 @@ What runs on the node:
 - the checkpoint store <checkpoint url>/<spotune job id> (launch/sky_store.py), mounted or
   written directly; the scripts are launch/sky_scripts.py, the exit statuses launch/sky_node.py;
 - events.jsonl mirrored into the job's log with the prefix `[spotune-event] `, which is how the
-  backend reads progress (see launch/skypilot.py).
+  backend reads progress (see launch/skypilot.py);
+- a placement spanning N nodes makes a task of num_nodes N (the resources stay per node): the run
+  starts torchrun on every node, rendezvousing at the head (launch/sky_scripts.py).
 """
 from __future__ import annotations
 
@@ -111,36 +113,44 @@ def sky_resources(spec, placements: Sequence[Placement]):
     The placements' order (cost) is kept, but at most REGIONS_PER_OFFER regions of one
     (cloud, instance type, spot) are taken, so the slots span several offers; the first
     placement SkyPilot can launch is always the first resource.
-    Returns (resources, skipped): a placement on a provider SkyPilot does not know, one its
-    catalog does not list, or one whose cloud lacks a feature the resources need is skipped with
-    the reason rather than failing the whole task. Placements left out by the per-offer cap are
-    not "skipped": they are not failures.
+    Returns (resources, skipped, num_nodes): a placement on a provider SkyPilot does not know, one
+    its catalog does not list, or one whose cloud lacks a feature the resources need (MULTI_NODE
+    for several nodes) is skipped with the reason rather than failing the whole task. A task has one
+    num_nodes, set by the first placement SkyPilot can launch (the plan's choice, when it can); a
+    placement spanning another number of nodes is skipped too. Placements left out by the
+    per-offer cap are not "skipped": they are not failures.
     """
     from sky import exceptions
 
     resources, skipped = [], []
+    num_nodes = None
     regions_taken: dict[tuple, int] = {}
     for p in placements:
         if len(resources) >= spec.sky.max_options:
             break
-        offer_key = (p.provider, p.instance_type, p.gpu, p.gpu_count, p.spot)
+        offer_key = (p.provider, p.instance_type, p.gpu, p.gpu_count, p.spot, p.num_nodes)
         if regions_taken.get(offer_key, 0) >= REGIONS_PER_OFFER:
             continue
         if cloud_named(p.provider) is None:
             skipped.append(SkippedPlacement(p, f"SkyPilot has no cloud named '{p.provider}'"))
+            continue
+        if num_nodes is not None and p.num_nodes != num_nodes:
+            skipped.append(SkippedPlacement(p, f"spans {p.num_nodes} node{'s' if p.num_nodes > 1 else ''}; "
+                                               f"this task runs on {num_nodes}"))
             continue
         try:
             r = resources_for(p, job_recovery(spec))
         except (ValueError, exceptions.ResourcesUnavailableError) as e:  # not in sky's catalog
             skipped.append(SkippedPlacement(p, first_line(e)))
             continue
-        problem = launch_problem(r)
+        problem = launch_problem(r, num_nodes=p.num_nodes)
         if problem:
             skipped.append(SkippedPlacement(p, problem))
             continue
         resources.append(r)
+        num_nodes = p.num_nodes
         regions_taken[offer_key] = regions_taken.get(offer_key, 0) + 1
-    return resources, skipped
+    return resources, skipped, num_nodes or 1
 
 
 def choose_store(spec, job_id: str, resources, clouds: EnabledClouds) -> JobStore:
@@ -211,7 +221,7 @@ def _build_task(request: LaunchRequest, secrets, clouds):
     import sky
 
     spec = request.spec
-    resources, skipped = sky_resources(spec, request.placements)
+    resources, skipped, num_nodes = sky_resources(spec, request.placements)
     if not resources:
         why = f": {skipped[0].placement.provider}/{skipped[0].placement.region}: {skipped[0].reason}" if skipped else ""
         raise SkyTaskError(f"no option in the plan can be launched through SkyPilot{why}")
@@ -230,8 +240,9 @@ def _build_task(request: LaunchRequest, secrets, clouds):
         if not data_file.is_file():
             raise SkyTaskError(f"data file not found: {data_file}")
         file_mounts[NODE_DATA_DIR] = str(stage_data(data_file, Path(request.run_dir).parent.parent))
+    # num_nodes instances of one resource each, SkyPilot's gang: setup and run go to every node.
     task = sky.Task(name=task_name(request.job_id), setup=setup_commands(), run=run_commands(store), envs=envs,
-                    workdir=str(_source_root()), file_mounts=file_mounts or None)
+                    workdir=str(_source_root()), file_mounts=file_mounts or None, num_nodes=num_nodes)
     task.set_resources(resources)  # a list: SkyPilot tries them in this order
     if store.mounted:
         task.set_storage_mounts({MOUNT_POINT: store_mount(spec, store)})
@@ -260,9 +271,13 @@ def render_task_yaml(request: LaunchRequest, *, clouds: Optional[EnabledClouds] 
               "# resources are tried in order: the chosen option, then the plan's others by expected cost,",
               f"# at most {REGIONS_PER_OFFER} regions per instance type (recovery moves on between regions)",
               f"# checkpoints and output: {store} ({'mounted at ' + MOUNT_POINT if task.storage_mounts else 'written by the recipe'})"]
+    if task.num_nodes > 1:
+        header.append(f"# {task.num_nodes} nodes of each resource train together (torchrun across nodes, "
+                      "the head node is rank 0)")
     for s in skipped:
+        nodes = f" x {s.placement.num_nodes} nodes" if s.placement.num_nodes > 1 else ""
         header.append(f"# skipped {s.placement.provider}/{s.placement.region} {s.placement.gpu}:"
-                      f"{s.placement.gpu_count}{' spot' if s.placement.spot else ''}: {s.reason}")
+                      f"{s.placement.gpu_count}{nodes}{' spot' if s.placement.spot else ''}: {s.reason}")
     return "\n".join(header) + "\n" + yaml.dump(config, Dumper=_BlockDumper, sort_keys=False, width=1000)
 
 

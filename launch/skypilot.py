@@ -101,7 +101,8 @@ class SkyPilotBackend:
         external_id = str(job_ids[0])
         request.run_dir.mkdir(parents=True, exist_ok=True)
         self._run_dirs[external_id] = request.run_dir
-        state = new_state([p.to_json() for p in request.placements])
+        # The placements the task can run (one num_nodes per task): what an attempt is priced from.
+        state = new_state([p.to_json() for p in request.placements if p.num_nodes == task.num_nodes])
         state.update(managed_job_id=job_ids[0], job_id=request.job_id, launched_at=launched_at)
         self._save(external_id, state)
         return external_id

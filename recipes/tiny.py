@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -107,6 +109,13 @@ def ensure_tiny_model(cache_dir: Path | str | None = None) -> Path:
     target = tiny_model_dir(cache_dir)
     if _is_complete(target):
         return target
+    if _not_rank_zero():
+        # Once a process group exists transformers writes a model on global rank 0 only
+        # (transformers/distributed/mixin.py, should_save_on_this_rank), and a node of a multi-node
+        # run may hold no rank 0: build it in a process of its own, with no group.
+        subprocess.run([sys.executable, "-c", "from recipes.tiny import ensure_tiny_model; "
+                        f"ensure_tiny_model({str(cache_dir) if cache_dir else None!r})"], check=True)
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_MODEL_NAME}.build-", dir=target.parent))
     try:
@@ -132,6 +141,12 @@ def ensure_tiny_model(cache_dir: Path | str | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _not_rank_zero() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
 
 
 def local_model_path(name_or_path: str, cache_dir: Path | str | None = None) -> str:

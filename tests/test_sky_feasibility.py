@@ -221,3 +221,45 @@ def test_the_backend_answers_on_the_protocol_from_skypilots_own_state(tmp_path, 
     plan = plan_for(spec)
     verdict = SkyPilotBackend(tmp_path).feasible(spec, [o.placement for o in plan.options])
     assert verdict.launchable == tuple(o.placement for o in plan.options)
+
+
+def _on_nodes(placement, n):
+    from dataclasses import replace
+
+    return replace(placement, num_nodes=n, price_per_hour=placement.node_price_per_hour * n)
+
+
+def test_several_nodes_on_a_cloud_without_multi_node_are_rejected_with_skypilots_reason(tmp_path, enabled):
+    """MULTI_NODE is a cloud feature (sky/clouds/cloud.py, CloudImplementationFeatures): RunPod and Vast
+    list it in _CLOUD_UNSUPPORTED_FEATURES, AWS does not. The same offers on one node still launch."""
+    from sky.utils import registry
+
+    enabled(["AWS", "GCP", "Lambda", "RunPod", "Vast"])
+    spec = load_spec(write_spec(tmp_path, secrets=("HF_TOKEN", *STORE_CREDENTIALS)))
+    options = plan_for(spec).options
+    single = {o.offer.provider: o.placement for o in reversed(options)}  # the cheapest of each cloud
+    two_nodes = [_on_nodes(single[cloud], 2) for cloud in ("runpod", "vast", "aws")]
+
+    verdict = feasible(spec, two_nodes, environ=STORE_CREDENTIALS)
+    assert [p.provider for p in verdict.launchable] == ["aws"] and verdict.launchable[0].num_nodes == 2
+    reasons = {p.provider: reason for p, reason in verdict.rejected}
+    for cloud, name in (("runpod", "RunPod"), ("vast", "Vast")):
+        skypilots_own = registry.CLOUD_REGISTRY.from_str(cloud)._CLOUD_UNSUPPORTED_FEATURES[
+            sky.clouds.CloudImplementationFeatures.MULTI_NODE]
+        assert reasons[cloud] == f"{name} cannot run it on 2 nodes: multi-node: {' '.join(skypilots_own.split())}"
+    one_node = feasible(spec, [single["runpod"], single["vast"]], environ=STORE_CREDENTIALS)
+    assert one_node.rejected == ()
+
+
+def test_a_multi_node_task_asks_skypilot_for_multi_node_and_every_resource_can_give_it(tmp_path, enabled):
+    enabled(["AWS", "GCP", "Lambda", "RunPod", "Vast"])
+    spec = load_spec(write_spec(tmp_path, secrets=("HF_TOKEN", *STORE_CREDENTIALS)))
+    options = plan_for(spec).options
+    placements = [_on_nodes(o.placement, 2) for o in options]  # the cheapest are on RunPod and Vast
+    text = render_task_yaml(request_for(spec, placements, tmp_path))
+    task = sky.Task.from_yaml_config(yaml.safe_load(text))
+    assert task.num_nodes == 2
+    assert sky.clouds.CloudImplementationFeatures.MULTI_NODE in task.get_required_cloud_features()
+    assert task.resources and every_resource_can_run(task) == []
+    assert not {str(r.cloud) for r in task.resources} & {"RunPod", "Vast"}
+    assert "cannot run it on 2 nodes: multi-node:" in text  # the cheap RunPod/Vast offers, skipped with the reason

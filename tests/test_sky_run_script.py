@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import yaml
@@ -69,6 +70,9 @@ if outcome == "wait_for_sigterm":
 STUB_PYTHON = r'''#!/bin/bash
 case "$1 $2" in
   "-m recipes.sft") shift 2; exec "$REAL_PYTHON" "$FAKE_RECIPE" "$@" ;;
+  "-m torch.distributed.run")  # record torchrun's flags, then run the fake recipe as its only worker
+    shift 2; printf "%s\n" "$@" > "$TORCHRUN_ARGS"
+    while [ "$1" != "recipes.sft" ]; do shift; done; shift; exec "$REAL_PYTHON" "$FAKE_RECIPE" "$@" ;;
   "-m recipes.spot_notice") exec "$REAL_PYTHON" -c "import time; time.sleep(120)" ;;
   *) exec "$REAL_PYTHON" "$@" ;;
 esac
@@ -94,7 +98,8 @@ def node(tmp_path):
     return tmp_path
 
 
-def run_on_node(node: Path, outcome: str, *, mounted: bool = True, max_restarts: int = 3, wait=None):
+def run_on_node(node: Path, outcome: str, *, mounted: bool = True, max_restarts: int = 3, wait=None,
+                sky_env: Optional[dict] = None):
     """SkyPilot's wrapping of our run, as the skylet runs it; returns (exit status, output)."""
     from sky.backends.task_codegen import TaskCodeGen
     from sky.skylet import log_lib
@@ -102,12 +107,13 @@ def run_on_node(node: Path, outcome: str, *, mounted: bool = True, max_restarts:
     store = JobStore(f"file://{node}/store/{JOB}" if not mounted else f"s3://spotune-ckpt-x/{JOB}", mounted)
     run = run_commands(store).replace('RUN_DIR="/ckpt/', f'RUN_DIR="{node}/ckpt/')  # the mount point, here
     envs = {"SPOTUNE_JOB_ID": JOB, "SPOTUNE_STORE": store.url, "SPOTUNE_OUTPUT_URL": store.output_url,
-            "SPOTUNE_MAX_RESTARTS_ON_ERRORS": str(max_restarts), "SPOTUNE_SPEC_YAML": yaml.safe_dump({"name": "demo"})}
+            "SPOTUNE_MAX_RESTARTS_ON_ERRORS": str(max_restarts), "SPOTUNE_SPEC_YAML": yaml.safe_dump({"name": "demo"}),
+            **(sky_env or {})}
     script = node / "sky_app_script.sh"
     script.write_text(log_lib.make_task_bash_script(TaskCodeGen.build_task_bash_script(run), env_vars=envs))
     env = {"HOME": str(node / "home"), "PATH": f"{node / 'bin'}:{os.environ['PATH']}", "PYTHONPATH": str(REPO),
            "REAL_PYTHON": sys.executable, "FAKE_RECIPE": str(node / "fake_recipe.py"), "FAKE_OUTCOME": outcome,
-           "FAKE_READY": str(node / "ready"), "LANG": "C.UTF-8"}
+           "FAKE_READY": str(node / "ready"), "TORCHRUN_ARGS": str(node / "torchrun-args"), "LANG": "C.UTF-8"}
     proc = subprocess.Popen(["/bin/bash", "-i", str(script)], env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if wait is not None:
@@ -181,3 +187,44 @@ def test_a_direct_store_that_cannot_be_written_ends_the_run_before_the_recipe_st
     assert code == 1, out
     assert "error: checkpoint store file://" in out and FLUSHED in out
     assert not (run_dir(node, mounted=False) / "events.jsonl").exists()
+
+
+def of_node(rank: int, gpus: int = 8) -> dict:
+    """What SkyPilot's add_task sets on node `rank` of a 3-node task (sky/backends/task_codegen.py)."""
+    return {"SKYPILOT_NODE_IPS": "10.0.0.5\n10.0.0.7\n10.0.0.6", "SKYPILOT_NODE_RANK": str(rank),
+            "SKYPILOT_NUM_NODES": "3", "SKYPILOT_NUM_GPUS_PER_NODE": str(gpus)}
+
+
+@pytest.mark.parametrize("gpus, nproc", [(8, "8"), (0, "1")])  # a CPU node runs one process
+def test_each_node_runs_torchrun_with_the_static_rendezvous_at_the_head(node, gpus, nproc):
+    code, out = run_on_node(node, "finished", sky_env=of_node(2, gpus))
+    assert code == 0, out
+    args = (node / "torchrun-args").read_text().split("\n")
+    flags = dict(zip(args[:10:2], args[1:10:2]))
+    assert flags == {"--nnodes": "3", "--node-rank": "2", "--nproc-per-node": nproc, "--master-addr": "10.0.0.5",
+                     "--master-port": "29500"}
+    assert args[10:12] == ["-m", "recipes.sft"]
+
+
+@pytest.mark.parametrize("outcome", ["finished", "crash", "bad_input", "preempted_under_torchrun"])
+def test_a_worker_node_leaves_the_jobs_status_to_the_head_and_reports_nothing(node, outcome):
+    """SkyPilot ends the job when any node exits non-zero and recovers it when any code is in
+    recover_on_exit_codes: a worker, whose ranks write no events, must never decide. It mirrors
+    no events, counts no crash and publishes nothing."""
+    code, out = run_on_node(node, outcome, mounted=False, sky_env=of_node(1))
+    assert code == 0, out
+    assert FLUSHED in out  # SkyPilot's flush still runs after our run
+    assert EVENT_LOG_PREFIX not in out
+    assert "spotune: node 1: the recipe exited" in out
+    assert not (node / "store" / JOB / "crash-restarts").exists()
+    assert not (node / "store" / JOB / "output").exists()
+
+
+@pytest.mark.parametrize("outcome, status", [("finished", 0), ("crash", 76), ("bad_input", 2),
+                                             ("preempted_under_torchrun", 75)])
+def test_the_head_of_several_nodes_speaks_for_the_job(node, outcome, status):
+    code, out = run_on_node(node, outcome, sky_env=of_node(0))
+    assert code == status, out
+    assert FLUSHED in out
+    mirrored = [json.loads(line.split(EVENT_LOG_PREFIX, 1)[1]) for line in out.splitlines() if EVENT_LOG_PREFIX in line]
+    assert mirrored and mirrored[-1]["event"] in ("finished", "preempted", "error")

@@ -343,3 +343,60 @@ def test_the_event_log_tells_a_preemption_from_a_crash(tmp_path):
     log.emit("error", message="boom", kind="crash")
     log.close()
     assert subprocess.run(ask).returncode == 1
+
+
+def _nodes(placement, n):
+    from dataclasses import replace
+
+    return replace(placement, num_nodes=n, price_per_hour=placement.node_price_per_hour * n)
+
+
+def test_a_placement_on_several_nodes_is_a_task_of_that_many_nodes_of_the_same_resources(spec, plan):
+    """num_nodes goes in the task, not the resources: SkyPilot provisions that many instances of the
+    chosen resource and runs setup and run on each (sky/task.py, num_nodes)."""
+    one = build_task(request_of(spec, plan))[0]
+    request = request_of(spec, plan)
+    request = LaunchRequest(**{**request.__dict__, "placements": tuple(_nodes(p, 4) for p in request.placements)})
+    config = yaml.safe_load(render_task_yaml(request))
+    assert config["num_nodes"] == 4
+    task = sky.Task.from_yaml_config(dict(config))  # SkyPilot's schema and validation
+    assert task.num_nodes == 4 and task.to_yaml_config()["num_nodes"] == 4
+    assert [r.to_yaml_config() for r in task.resources] == [r.to_yaml_config() for r in one.resources]
+    assert task.get_required_cloud_features() >= {sky.clouds.CloudImplementationFeatures.MULTI_NODE}
+    assert one.num_nodes == 1
+
+
+def test_one_task_has_one_node_count_so_options_on_another_are_skipped_with_the_reason(spec, plan):
+    placements = [o.placement for o in plan.options]
+    mixed = (_nodes(placements[0], 2), placements[1], _nodes(placements[2], 2))
+    request = request_of(spec, plan)
+    task, skipped = build_task(LaunchRequest(**{**request.__dict__, "placements": mixed}))
+    assert task.num_nodes == 2 and len(task.resources) == 2
+    assert [(s.placement, s.reason) for s in skipped] == [(placements[1], "spans 1 node; this task runs on 2")]
+
+
+def test_the_backend_prices_attempts_only_from_the_placements_its_task_runs(spec, plan, tmp_path, monkeypatch):
+    from sky import global_user_state, skypilot_config
+    from sky.clouds.cloud import CloudCapability
+
+    from launch.skypilot import SkyPilotBackend
+
+    workspace = skypilot_config.get_active_workspace()
+    before = {c: [str(x) for x in global_user_state.get_cached_enabled_clouds(c, workspace)] for c in CloudCapability}
+    global_user_state.set_enabled_clouds(["AWS", "GCP", "Lambda"], CloudCapability.COMPUTE, workspace)
+    global_user_state.set_enabled_clouds(["AWS", "GCP"], CloudCapability.STORAGE, workspace)
+    placements = [o.placement for o in plan.options]
+    mixed = (_nodes(placements[0], 2), placements[1])
+    request = request_of(spec, plan, state=tmp_path)
+    request = LaunchRequest(**{**request.__dict__, "placements": mixed})
+    backend = SkyPilotBackend(tmp_path)
+    launched = []
+    monkeypatch.setattr(backend.sdk, "request", lambda what, fn, task, **kw: launched.append(task) or ([7], None))
+    try:
+        external_id = backend.submit(request)
+    finally:
+        for capability, clouds in before.items():
+            global_user_state.set_enabled_clouds(clouds, capability, workspace)
+    assert launched[0].num_nodes == 2
+    state = backend._load(external_id)
+    assert [p["num_nodes"] for p in state["placements"]] == [2]
