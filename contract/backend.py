@@ -99,6 +99,10 @@ class Backend(Protocol):
     pricing: ClassVar[Pricing]
     options: ClassVar[tuple[str, ...]]   # keyword options (CLI flags) this backend accepts
     poll_seconds: float                  # how often a watcher should poll it
+    # The most nodes one job may span here; None: as many as the plan asks (the cloud's own checks,
+    # such as SkyPilot's MULTI_NODE feature, still apply in feasible()). orchestrator/launchable.py
+    # turns down options over it before anything is recorded.
+    max_nodes: ClassVar[Optional[int]]
 
     def __init__(self, state_dir: Path, **options: Any) -> None: ...
 

@@ -55,6 +55,7 @@ class SkyPilotBackend:
     pricing = "catalog"
     options = ()
     poll_seconds = 20.0  # each poll is a request to the API server, and through it a cloud API
+    max_nodes = None     # a task's num_nodes; clouds without MULTI_NODE are dropped in feasible()
 
     def __init__(self, state_dir: Path, *, sdk=None, events_refresh_seconds: float = EVENTS_REFRESH_SECONDS,
                  timeouts: Optional[dict[str, float]] = None):

@@ -8,6 +8,7 @@ from contract.backend import Observation
 class FixedBackend:
     name = "fixed"
     poll_seconds = 1.0
+    max_nodes = 1
 
     def __init__(self, observation: Observation):
         self.observation = observation
