@@ -85,13 +85,13 @@ def _node_price(node: dict, prices: Mapping[str, float],
     names = node_names(node)
     for name in names:
         if name in prices and name != DEFAULT:
-            return name, _price(prices[name], name), f"ray.price_per_node_hour.{name}"
+            return name, _price(prices[name]), f"ray.price_per_node_hour.{name}"
     for name in names:
         if catalog and catalog.get(name):
             return name, Decimal(str(catalog[name])), "the catalog's on-demand price"
     node_type = names[0] if names else UNLABELLED
     if DEFAULT in prices:
-        return node_type, _price(prices[DEFAULT], DEFAULT), f"ray.price_per_node_hour.{DEFAULT}"
+        return node_type, _price(prices[DEFAULT]), f"ray.price_per_node_hour.{DEFAULT}"
     if names:
         raise BackendError(f"no price for Ray node type {node_type!r}: set ray.price_per_node_hour.{node_type} "
                            f"(or ray.price_per_node_hour.default) in the spec")
@@ -99,11 +99,9 @@ def _node_price(node: dict, prices: Mapping[str, float],
                        f"instance type, node group or accelerator: set ray.price_per_node_hour.default in the spec")
 
 
-def _price(value: float, key: str) -> Decimal:
-    price = Decimal(str(value))  # the digits the user wrote, not the float's binary expansion
-    if price < 0:
-        raise BackendError(f"ray.price_per_node_hour.{key} is {value}: a price cannot be negative")
-    return price
+def _price(value: float) -> Decimal:
+    # The digits the user wrote, not the float's binary expansion; the spec refuses a negative one.
+    return Decimal(str(value))
 
 
 def price_ray_cluster(nodes: list[dict], ray_spec, world_size: int, use_gpu: bool,
