@@ -41,6 +41,13 @@ def per_hour(price: Number) -> str:
     return f"${_decimal(price):,.4f}/h"
 
 
+def rate_exact(price: Number) -> str:
+    """Every digit the price has, and at least cents, without trailing zeros: 20.00, 38.5062."""
+    value = _decimal(price)
+    digits = -value.normalize().as_tuple().exponent
+    return f"{value:.{max(2, digits)}f}"
+
+
 def rate(price: Optional[Number]) -> str:
     """A table cell of USD per hour, without the $: 2.73, 0.418 (three decimals under a dollar), '-' for none."""
     if price is None:

@@ -12,7 +12,8 @@ from typing import Optional
 
 import typer
 
-from orchestrator.format import count, hours, percent_change, phrases, region_label, usd, usd_exact, usd_signed
+from orchestrator.format import (count, hours, percent_change, phrases, rate_exact, region_label, usd, usd_exact,
+                                 usd_signed)
 
 DEFAULT_TOP = 10
 SHOW_REJECTED = 5
@@ -103,7 +104,7 @@ def _print_options(console, plan, top: int) -> None:
                          min_width=14 if col == "where" else None)
     for o in plan.options[:top]:
         table.add_row(str(o.rank), f"{o.offer.provider} {region_label(o.offer.region)}", _gpu(o),
-                      "spot" if o.spot else "", f"{o.price_per_hour}", f"{o.tokens_per_second:,.0f}",
+                      "spot" if o.spot else "", rate_exact(o.price_per_hour), f"{o.tokens_per_second:,.0f}",
                       hours(o.expected_hours), usd(o.expected_cost), _cost_range(o), f"{o.memory_gb_per_gpu:.1f}")
     console.print(table)
     _print_sources(console, plan.options[:top], plan.method)
