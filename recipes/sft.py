@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -85,10 +86,15 @@ class Preemption:
     """SIGTERM/SIGINT set a flag; the loop drops the step in progress, saves the last completed one
     and exits 75."""
 
-    def __init__(self):
+    def __init__(self, poll=None):
         self.signal_name = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        # Ray Train runs the recipe in a thread of its worker actor, where Python allows no signal
+        # handlers: there the launcher's `poll` says whether a stop was asked for, and by what
+        # (recipes/ray_train.py).
+        self._poll = poll
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame):
         if self.signal_name is None:
@@ -96,6 +102,8 @@ class Preemption:
 
     @property
     def requested(self) -> bool:
+        if self.signal_name is None and self._poll is not None:
+            self.signal_name = self._poll()
         return self.signal_name is not None
 
 
@@ -116,10 +124,13 @@ def _object_store(args, rank: int):
     return store
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, on_checkpoint=None, stop_requested=None) -> int:
+    """For a launcher that runs the recipe in a thread (Ray Train): `on_checkpoint(step, path)` is
+    called on every rank after each checkpoint is complete (path on rank 0 only), and
+    `stop_requested()` says, by a signal name, that the launcher was asked to stop (else None)."""
     args = parse_args(argv)
     args.started = time.monotonic()  # the loading phases' clock (recipes.trainer prints them)
-    preemption = Preemption()  # before the slow setup, so an early SIGTERM is not lost
+    preemption = Preemption(stop_requested)  # before the slow setup, so an early SIGTERM is not lost
     rank = int(os.environ.get("RANK", "0"))
     try:
         store = _object_store(args, rank)
@@ -129,6 +140,7 @@ def main(argv=None) -> int:
     if args.attempt is None:
         args.attempt = next_attempt(args.run_dir / EVENTS_FILE)
     events = EventLog(args.run_dir / EVENTS_FILE, attempt=args.attempt, enabled=rank == 0)
+    inherited_group = _process_group_initialized()  # Ray Train's: Ray tears it down, not the recipe
     try:
         try:
             # The spec before torch and transformers load: a bad one is refused in a fraction of a second.
@@ -138,7 +150,7 @@ def main(argv=None) -> int:
             _quiet_libraries()
             from recipes.trainer import Trainer
 
-            return Trainer(spec, args, events, preemption, checkpoints=store).run()
+            return Trainer(spec, args, events, preemption, checkpoints=store, on_checkpoint=on_checkpoint).run()
         except UserError as e:
             # Bad input (spec, data, model, method vs device): the exception carries the one line.
             message = " ".join(str(e).split())
@@ -166,9 +178,13 @@ def main(argv=None) -> int:
             pass  # a full disk: the line that did not fit is already reported above
         if store is not None and rank == 0:
             store.publish_events(events.path)
-        dist = sys.modules.get("torch.distributed")  # not imported only to learn it was never initialized
-        if dist is not None and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        if _process_group_initialized() and not inherited_group:
+            sys.modules["torch.distributed"].destroy_process_group()
+
+
+def _process_group_initialized() -> bool:
+    dist = sys.modules.get("torch.distributed")  # not imported only to learn it was never initialized
+    return dist is not None and dist.is_available() and dist.is_initialized()
 
 
 def _end_progress_bars() -> None:

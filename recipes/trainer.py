@@ -79,8 +79,9 @@ def _seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg, args, events, preemption, checkpoints=None):
+    def __init__(self, cfg, args, events, preemption, checkpoints=None, on_checkpoint=None):
         self.cfg, self.events, self.preemption = cfg, events, preemption
+        self.on_checkpoint = on_checkpoint  # (step, path on rank 0 else None), after every rank saved
         self.run_dir = Path(args.run_dir)
         # A directory (or bucket mount), or an object-store URL the recipe uploads to itself.
         self.checkpoints = checkpoints or ckpt.open_checkpoints(
@@ -158,6 +159,8 @@ class Trainer:
             torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")
+        # Ray Train starts the process group itself before the recipe runs: use it, as torchrun's
+        # workers would have used theirs.
         if self.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self._stop_vote = StopVote(self.preemption, self.world_size)
@@ -196,6 +199,8 @@ class Trainer:
         self._saved_step = self.step
         if self.world_size > 1:
             dist.barrier()
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self.step, saved.path if self.rank == 0 else None)
 
     def _find_resumable(self):
         """Rank 0: the newest checkpoint that verifies against what a resume needs and loads, as

@@ -1,18 +1,12 @@
-"""RayBackend against a real Ray head started on loopback for this module (about 30-40 s to start
-on a small machine). The recipe is replaced by a trivial stand-in that speaks the recipe contract
-(reads the staged spec and data, writes events.jsonl, exits 0 / 1 / 75 on SIGTERM): training a
-model through Ray on two shared CPU cores would take minutes and test the recipe, not the backend."""
+"""RayBackend against a real Ray head started on loopback for this module. The recipe is replaced
+by a trivial stand-in that speaks the recipe contract (reads the staged spec and data, writes
+events.jsonl, exits 0 / 1 / 75 on SIGTERM): these tests are about the Ray job around the recipe.
+tests/test_ray_train.py runs the real recipe under Ray Train on a two-node cluster."""
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shlex
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -22,7 +16,8 @@ import pytest
 from contract.backend import BackendError, DeviceReport, LaunchRequest, make_backend
 from contract.placement import Placement
 from contract.spec import load_spec
-from launch.ray import RayBackend
+from launch.ray import RayBackend, attempts_of
+from ray_cluster import RayCluster, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -49,53 +44,26 @@ emit("finished", step=lines, tokens=lines)
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="module")
+def cluster():
+    started = RayCluster().start()
+    yield started
+    started.stop()
 
 
 @pytest.fixture(scope="module")
-def ray_address():
-    temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths have a limit
-    port, dashboard = _free_port(), _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    head = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "1",
-         "--node-ip-address", "127.0.0.1", "--port", str(port), "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", str(dashboard), "--include-dashboard", "true", "--temp-dir", temp_dir,
-         "--disable-usage-stats"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        from ray.job_submission import JobSubmissionClient
-
-        deadline = time.time() + 120
-        while True:
-            try:
-                JobSubmissionClient(address).list_jobs()
-                break
-            except Exception:
-                if time.time() > deadline or head.poll() is not None:
-                    pytest.fail("the local Ray head did not come up within 120 s")
-                time.sleep(2)
-        yield address
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)  # the head and the processes it started, nothing else
-        try:
-            head.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+def ray_address(cluster):
+    return cluster.dashboard
 
 
-def request(tmp_path: Path, job_id: str, behaviour: str) -> LaunchRequest:
+def request(tmp_path: Path, job_id: str, behaviour: str, prices: str = "{default: 2.5}") -> LaunchRequest:
     (tmp_path / "train.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c"}\n')
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text("name: demo\nmodel: tiny-llama\nmethod: lora\ndata: {path: train.jsonl}\n"
-                         "local: {price_per_hour: 2.5, gpu: A100}\n")
+                         f"local: {{price_per_hour: 9.0, gpu: A100}}\nray: {{price_per_node_hour: {prices}}}\n")
     spec = load_spec(spec_path)
-    # As the orchestrator's hourly plan places a CPU job: one CPU, which must not ask Ray for a
-    # GPU (the test cluster has none, so such a job would stay pending).
+    # As the orchestrator's hourly plan places a CPU job: one CPU worker, which must not ask Ray
+    # for a GPU (the test cluster has none, so such a job would stay pending).
     return LaunchRequest(job_id=job_id, spec=spec, node_spec=spec.node_spec(), run_dir=tmp_path / "runs" / job_id,
                          placements=(Placement("local", "this-machine", "CPU", 1, False, Decimal("2.5"), "local"),),
                          env={"SPOTUNE_RAY_RUN_ROOT": str(tmp_path / "node"), "STAND_IN_BEHAVIOUR": behaviour})
@@ -116,7 +84,7 @@ def backend(tmp_path, ray_address):
                       recipe_command=f"python -c {shlex.quote(STAND_IN)}")
 
 
-def test_a_finished_ray_job_is_one_attempt_priced_from_the_spec_with_its_events(tmp_path, backend):
+def test_a_finished_ray_job_is_one_attempt_priced_from_the_clusters_node_with_its_events(tmp_path, backend):
     external_id = backend.submit(request(tmp_path, "ok-1", "finish"))
     final = wait_until(backend, external_id, {"succeeded", "failed"})
 
@@ -124,7 +92,8 @@ def test_a_finished_ray_job_is_one_attempt_priced_from_the_spec_with_its_events(
     (attempt,) = final.attempts
     assert (attempt.n, attempt.end_reason, attempt.placement.provider, attempt.placement.region) == (
         1, "finished", "ray", "127.0.0.1")
-    assert attempt.placement.price_per_hour == Decimal("2.5")  # spec.local.price_per_hour
+    # The one node a one-worker job uses, at ray.price_per_node_hour.default (not local.price_per_hour).
+    assert (attempt.placement.price_per_hour, attempt.placement.num_nodes) == (Decimal("2.5"), 1)
     assert attempt.ended_at >= attempt.started_at
     events = [json.loads(line) for line in final.events_path.read_text().splitlines()]
     # The stand-in read the staged spec and the data file shipped with it: three lines.
@@ -176,7 +145,7 @@ def test_no_cluster_address_is_one_clear_error(tmp_path, monkeypatch):
 
 def test_an_unreachable_cluster_is_one_clear_error(tmp_path):
     with pytest.raises(BackendError) as failure:
-        RayBackend(tmp_path, address=f"http://127.0.0.1:{_free_port()}").submit(
+        RayBackend(tmp_path, address=f"http://127.0.0.1:{free_port()}").submit(
             request(tmp_path, "x-2", "finish"))
     assert str(failure.value).startswith("cannot reach the Ray cluster at http://127.0.0.1:")
     assert "\n" not in str(failure.value)
@@ -186,19 +155,89 @@ def test_the_backend_describes_itself_on_the_protocol_without_a_cluster(tmp_path
     monkeypatch.setenv("RAY_ADDRESS", "http://head.example:8265")
     ray_backend = make_backend("ray", tmp_path)
     assert isinstance(ray_backend, RayBackend)
-    assert (ray_backend.name, ray_backend.pricing, ray_backend.options, ray_backend.poll_seconds) == (
-        "ray", "hourly", (), 2.0)
+    assert (ray_backend.name, ray_backend.pricing, ray_backend.options, ray_backend.poll_seconds,
+            ray_backend.max_nodes) == ("ray", "hourly", (), 2.0, None)
     assert ray_backend.device() == DeviceReport(None, 0, None)
     text = ray_backend.describe(request(tmp_path, "dry-1", "finish"))
-    assert "python -m recipes.sft spec.yaml --run-dir ${SPOTUNE_RAY_RUN_ROOT:-$HOME/spotune-runs}/dry-1" in text
+    assert ("python -m recipes.ray_train spec.yaml --run-dir ${SPOTUNE_RAY_RUN_ROOT:-$HOME/spotune-runs}/dry-1 "
+            "--workers 1 --max-failures 2   (events mirrored") in text
+    assert "ray train:   1 worker x 1 CPU, up to 2 restarts from the last checkpoint" in text
     assert f"working dir: {tmp_path / 'runs' / 'dry-1' / 'ray-job'}" in text
-    assert "placement:   ray/head.example CPU at $2.50/h" in text
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
-    # `--price-per-hour` replaces spec.local.price_per_hour in the plan: the attempt is priced as planned.
+    # A plan of 2 nodes x 4 GPUs: 8 workers, one GPU each.
     planned = request(tmp_path, "dry-2", "finish")
-    planned = dataclasses.replace(planned, placements=(dataclasses.replace(planned.placements[0],
-                                                                           price_per_hour=Decimal("3.1")),))
-    assert "placement:   ray/head.example CPU at $3.10/h" in ray_backend.describe(planned)
+    planned = dataclasses.replace(planned, placements=(Placement("aws", "us-east-1", "A100", 4, False, Decimal("40"),
+                                                                 "p4d", 2),))
+    assert "--workers 8 --max-failures 2 --gpus-per-worker 1" in ray_backend.describe(planned)
+    assert "ray train:   8 workers x 1 GPU" in ray_backend.describe(planned)
+
+
+def test_a_cluster_node_without_a_price_refuses_the_job_before_anything_runs(tmp_path, ray_address):
+    """A $0 Ray job is never recorded silently: the spec prices no node type and has no default."""
+    from ray.job_submission import JobSubmissionClient
+
+    ray_backend = RayBackend(tmp_path, address=ray_address)
+    with pytest.raises(BackendError) as refused:
+        ray_backend.submit(request(tmp_path, "free-1", "finish", prices="{}"))
+    assert str(refused.value).startswith("no price for the Ray node at ")
+    assert "set ray.price_per_node_hour.default in the spec" in str(refused.value) and "\n" not in str(refused.value)
+    assert "spotune-free-1" not in {job.submission_id for job in JobSubmissionClient(ray_address).list_jobs()}
+    assert not (tmp_path / "runs" / "free-1").exists()
+
+
+def test_the_driver_names_the_recipe_dependencies_a_node_lacks(cluster):
+    """recipes.ray_train checks every node before Ray Train starts: here for a package no node has."""
+    import ray
+
+    from recipes.ray_train import check_dependencies
+
+    repo = Path(__file__).resolve().parents[1]
+    ray.init(address=cluster.gcs_address, runtime_env={"py_modules": [str(repo / "recipes"), str(repo / "contract")]},
+             log_to_driver=False)
+    try:
+        assert check_dependencies(ray) is None  # torch, transformers and peft are there
+        problem = check_dependencies(ray, ("torch", "no_such_package_for_spotune"))
+    finally:
+        ray.shutdown()
+    (node,) = cluster.alive_nodes()
+    assert problem == (f"the Ray cluster lacks the recipe's dependencies (no_such_package_for_spotune on {node.node_ip}): "
+                       "install spotune's train extra in the cluster's Python (pip install 'spotune[train]')")
+
+
+def test_each_worker_group_start_is_an_attempt_and_one_that_ended_without_a_word_failed():
+    """Attempt numbers are the recipe's; a group Ray Train replaced without an event from it ended
+    when the next began, and the last attempt ends with the job."""
+    from types import SimpleNamespace
+
+    where = Placement("ray", "head", "CPU", 1, False, Decimal("2.5"), None, 2)
+    info = SimpleNamespace(start_time=1_000_000, end_time=1_090_000, driver_exit_code=0, message="")
+    events = [{"event": "start", "attempt": 1, "time": 1005.0}, {"event": "step", "attempt": 1, "time": 1010.0},
+              {"event": "start", "attempt": 2, "time": 1040.0, "resumed_from_step": 1},
+              {"event": "finished", "attempt": 2, "time": 1080.0}]
+    first, second = attempts_of(events, where, info, "SUCCEEDED", "spotune-x")
+    assert (first.n, first.end_reason, first.ended_at.timestamp(), first.started_at.timestamp()) == (
+        1, "failed", 1040.0, 1000.0)
+    assert (second.n, second.end_reason, second.started_at.timestamp(), second.ended_at.timestamp()) == (
+        2, "finished", 1040.0, 1090.0)
+    assert "Ray Train restarted it" in first.detail
+
+
+def test_ray_trains_word_on_a_lost_worker_comes_before_a_surviving_ranks_crash():
+    """Killing one worker makes the other fail too (gloo: connection closed by peer): the attempt's
+    reason is the worker Ray Train lost, whichever of the two was written first."""
+    from types import SimpleNamespace
+
+    where = Placement("ray", "head", "CPU", 1, False, Decimal("2.5"), None, 2)
+    info = SimpleNamespace(start_time=1_000_000, end_time=None, driver_exit_code=None, message="")
+    events = [{"event": "start", "attempt": 1, "time": 1005.0},
+              {"event": "error", "attempt": 1, "time": 1020.0, "kind": "crash", "message": "RuntimeError: Connection closed by peer"},
+              {"event": "error", "attempt": 1, "time": 1021.0, "kind": "worker_lost",
+               "message": "Ray Train lost the worker group (rank 1: ActorDiedError)"},
+              {"event": "start", "attempt": 2, "time": 1040.0, "resumed_from_step": 1}]
+    first, second = attempts_of(events, where, info, "RUNNING", "spotune-x")
+    assert (first.end_reason, first.detail, first.ended_at.timestamp()) == (
+        "failed", "Ray Train lost the worker group (rank 1: ActorDiedError)", 1021.0)
+    assert (second.started_at.timestamp(), second.ended_at, second.end_reason) == (1021.0, None, None)
 
 
 def test_the_staged_spec_is_the_requests_node_spec_with_the_data_file_beside_it(tmp_path):
