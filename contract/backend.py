@@ -15,8 +15,9 @@ import importlib
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Literal, Optional, Protocol, Sequence
+from typing import Any, ClassVar, Iterator, Literal, Mapping, Optional, Protocol, Sequence
 
 from contract.errors import UserError
 from contract.placement import Placement
@@ -53,6 +54,9 @@ class LaunchRequest:
     run_dir: Path                # <state>/runs/<job_id>: events.jsonl, checkpoints/, logs
     placements: tuple[Placement, ...]  # allowed placements, the chosen one first, then cheapest first
     env: dict = field(default_factory=dict)  # non-secret environment only
+    # On-demand USD/h by cloud instance type, from the planner's catalog (the lowest over regions):
+    # how a backend that finds its machines itself (a Ray cluster's nodes) prices a cloud instance.
+    instance_prices: Mapping[str, Decimal] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -90,8 +94,9 @@ class DeviceReport:
     """What an hourly-priced backend runs on, as the hardware names it (None: no GPU found)."""
 
     gpu: Optional[str]
-    count: int
+    count: int                      # GPUs on each node
     vram_gib: Optional[float] = None
+    nodes: int = 1                  # nodes of this hardware one job may span (a Ray cluster's)
 
 
 class Backend(Protocol):

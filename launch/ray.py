@@ -36,6 +36,7 @@ import os
 import shlex
 import shutil
 import time
+from collections import Counter
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -75,16 +76,13 @@ class RayBackend:
     max_nodes = None    # Ray Train spreads workers over the cluster's nodes; pricing refuses a job they cannot hold
 
     def __init__(self, state_dir: Path, *, address: Optional[str] = None, client=None,
-                 recipe_command: str = RECIPE, events_refresh_seconds: float = 30.0, nodes=None, catalog=None):
+                 recipe_command: str = RECIPE, events_refresh_seconds: float = 30.0, nodes=None):
         self._runs_dir = Path(state_dir) / "runs"
         self._address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
         self._client = client
         self._recipe_command = recipe_command  # tests give a trivial stand-in that speaks the contract
         self._events_refresh_seconds = events_refresh_seconds
         self._nodes = nodes  # () -> the cluster's nodes as ray.nodes() gives them; default: the dashboard's
-        # {instance type: on-demand USD/h} for nodes that are cloud instances: the orchestrator's
-        # catalog, which launch/ may not import, so whoever makes the backend passes it.
-        self._catalog = catalog
 
     @property
     def client(self):
@@ -108,9 +106,24 @@ class RayBackend:
 
     # -- protocol ----------------------------------------------------------------------------
     def device(self) -> DeviceReport:
-        # Which GPUs a job gets is the cluster's business: the orchestrator names them from
-        # the spec's local.gpu.
-        return DeviceReport(None, 0, None)
+        """The cluster's training hardware, from its alive nodes: the GPU type most GPU nodes have,
+        the fewest GPUs any of them holds, and how many there are (one CPU worker per node on a
+        cluster without GPUs). A cluster not reachable now reports nothing: the spec's local.gpu
+        names the hardware and one node is planned; submit then prices what it finds."""
+        if not self._address and self._nodes is None:
+            return DeviceReport(None, 0, None)
+        try:
+            nodes = self.cluster_nodes()
+        except BackendError:
+            return DeviceReport(None, 0, None)
+        with_gpus = [n for n in nodes if float((n.get("Resources") or {}).get("GPU", 0)) >= 1]
+        if not with_gpus:
+            return DeviceReport(None, 0, None, nodes=max(1, len(nodes)))
+        kinds = Counter(_accelerator(n) for n in with_gpus)
+        gpu, _ = kinds.most_common(1)[0]
+        same = [n for n in with_gpus if _accelerator(n) == gpu]
+        count = int(min(float(n["Resources"]["GPU"]) for n in same))
+        return DeviceReport(gpu, count, None, nodes=len(same))
 
     def feasible(self, spec, placements) -> Feasibility:
         return Feasibility(tuple(placements))  # the hardware it has is the plan: nothing to rule out
@@ -226,7 +239,7 @@ class RayBackend:
         from launch.ray_pricing import price_ray_cluster
 
         priced = price_ray_cluster(self.cluster_nodes(), request.spec.ray, world_size=workers, use_gpu=gpu != "CPU",
-                                   catalog=self._catalog)
+                                   catalog=request.instance_prices)
         return Placement(provider="ray", region=_host(self._address), gpu=gpu, gpu_count=gpus_per_node, spot=False,
                          price_per_hour=Decimal(priced.price_per_hour), num_nodes=priced.num_nodes), list(priced.lines)
 
@@ -327,6 +340,15 @@ def _hardware(request: LaunchRequest) -> tuple[str, int, int]:
     if chosen is not None:
         return chosen.gpu, max(chosen.gpu_count, 1), max(chosen.num_nodes, 1)
     return (request.spec.local.gpu or "CPU"), 1, 1
+
+
+def _accelerator(node: dict) -> Optional[str]:
+    """The GPU a Ray node reports: its accelerator-type label, else an accelerator_type:X resource."""
+    label = (node.get("Labels") or {}).get("ray.io/accelerator-type")
+    if label:
+        return str(label)
+    return next((key.split(":", 1)[1] for key in (node.get("Resources") or {}) if key.startswith("accelerator_type:")),
+                None)
 
 
 def _host(address: Optional[str]) -> str:

@@ -95,6 +95,7 @@ class _ErrorBoundary(TyperGroup):
 
 
 INTERNAL_MESSAGE_CHARS = 500
+TRACE_FRAMES = 1_000
 
 
 def _internal_error(ctx, error: BaseException) -> str:
@@ -109,7 +110,9 @@ def _internal_error(ctx, error: BaseException) -> str:
     message = redact(escape_controls(f"{type(error).__name__}: {str(error).strip()}"))
     if len(message) > INTERNAL_MESSAGE_CHARS:
         message = message[:INTERNAL_MESSAGE_CHARS - 1] + "…"
-    trace = redact("".join(traceback.format_exception(error)))
+    # An explicit limit: SkyPilot sets sys.tracebacklimit = 0 around calls that raise and leaves it
+    # so when they do (sky/utils/ux_utils.py print_exception_no_traceback), which would empty the trace.
+    trace = redact("".join(traceback.format_exception(error, limit=TRACE_FRAMES)))
     try:
         state = global_options(ctx).state_path()
     except Exception:  # the settings themselves may be what failed

@@ -67,15 +67,18 @@ def canonical_gpu_name(reported: str, vram_gib: Optional[float] = None) -> str:
     return reported.removeprefix("NVIDIA ").strip()
 
 
-def hourly_device(spec: "JobSpec", backend: Backend) -> tuple[str, int, Optional[float]]:
-    """(gpu, count, GiB per GPU) an hourly-priced backend runs on, as the planner names them;
-    ('CPU', 1, None) without a GPU. `local.gpu` in the spec overrides the reported name."""
+def hourly_device(spec: "JobSpec", backend: Backend) -> tuple[str, int, Optional[float], int]:
+    """(gpu, count per node, GiB per GPU, nodes) an hourly-priced backend runs on, as the planner
+    names them; ('CPU', 1, None, nodes) without a GPU. `local.gpu` in the spec overrides the
+    reported name. Nodes: what the backend has, within its max_nodes."""
     report = backend.device()
+    limit = backend.max_nodes
+    nodes = max(1, min(report.nodes, limit) if limit is not None else report.nodes)
     if spec.local.gpu:
-        return spec.local.gpu, max(report.count, 1), report.vram_gib
+        return spec.local.gpu, max(report.count, 1), report.vram_gib, nodes
     if report.gpu is None:
-        return "CPU", 1, None
-    return canonical_gpu_name(report.gpu, report.vram_gib), report.count, report.vram_gib
+        return "CPU", 1, None, nodes
+    return canonical_gpu_name(report.gpu, report.vram_gib), report.count, report.vram_gib, nodes
 
 
 def hourly_price(spec: "JobSpec", price_per_hour: Optional[float]) -> Decimal:
@@ -94,8 +97,9 @@ def make_job_plan(spec: "JobSpec", backend: Backend, price_per_hour: Optional[fl
     from orchestrator.launchable import launchable_plan
 
     if backend.pricing == "hourly":
-        gpu, count, gib = hourly_device(spec, backend)
-        return planner.plan_local(spec, gpu, count, hourly_price(spec, price_per_hour), calibration, vram_gb=gib)
+        gpu, count, gib, nodes = hourly_device(spec, backend)
+        return planner.plan_local(spec, gpu, count, hourly_price(spec, price_per_hour), calibration, vram_gb=gib,
+                                  nodes=nodes)
     if price_per_hour is not None:
         raise JobError(f"--price-per-hour applies to backends you pay by the hour (local, ray); "
                        f"{backend.name} prices come from the catalog")
@@ -167,7 +171,20 @@ def launch_request(job_id: str, spec: "JobSpec", plan: "Plan", chosen: "Option",
                          run_dir=(Path(state_dir) / "runs" / job_id).resolve(),
                          placements=placements_for(plan, chosen),
                          # The plan's $/h lets the node guard the budget with no one watching (recipes/guards.py).
-                         env={"SPOTUNE_JOB_ID": job_id, PRICE_ENV: str(chosen.placement.price_per_hour)})
+                         env={"SPOTUNE_JOB_ID": job_id, PRICE_ENV: str(chosen.placement.price_per_hour)},
+                         instance_prices=instance_prices())
+
+
+def instance_prices() -> dict:
+    """The catalog's lowest on-demand USD/h per instance type (LaunchRequest.instance_prices)."""
+    from orchestrator.catalog import load_offers
+
+    lowest: dict = {}
+    for offer in load_offers():
+        price = offer.price_on_demand
+        if offer.instance_type and price and (offer.instance_type not in lowest or price < lowest[offer.instance_type]):
+            lowest[offer.instance_type] = price
+    return lowest
 
 
 def dry_run(spec: "JobSpec", backend: Backend, plan: "Plan", chosen: "Option", state_dir: Path) -> str:

@@ -439,10 +439,12 @@ def explain_nodes(spec, option: Option, calibration: Optional[Calibration] = Non
 
 
 def plan_local(spec, gpu: str, gpu_count: int, price_per_hour, calibration: Optional[Calibration] = None, *,
-               dataset: Optional[DatasetTokens] = None, vram_gb: Optional[float] = None) -> Plan:
-    """The same estimate for this machine: provider `local`, region `this-machine`, no spot market,
-    the spec's constraints not applied (the machine is what it is). No VM to provision, but a
-    start-up line: process start and model build or load (`local_startup_hours`)."""
+               dataset: Optional[DatasetTokens] = None, vram_gb: Optional[float] = None, nodes: int = 1) -> Plan:
+    """The same estimate for hardware you pay by the hour (this machine, a Ray cluster's nodes):
+    provider `local`, no spot market, `price_per_hour` per node. No VM to provision, but a start-up
+    line: process start and model build or load (`local_startup_hours`). Of up to `nodes` nodes
+    (within constraints.max_nodes), the cheapest count that fits and meets the deadline, else the
+    fastest that fits; the other constraints are not applied (the hardware is what it is)."""
     cal = calibration or load_calibration()
     job = resolve_job(spec, dataset)
     device = cal.device(gpu)
@@ -452,21 +454,31 @@ def plan_local(spec, gpu: str, gpu_count: int, price_per_hour, calibration: Opti
     pin = spec.execution
     if pin is not None and (pin.gpu.lower() != gpu.lower() or pin.gpu_count != gpu_count):
         raise PinnedExecutionError(f"execution pins {pin.gpu_count}x{pin.gpu}; this machine has {gpu_count}x{gpu}")
-    if pin is not None and pin.num_nodes > 1:
-        raise PinnedExecutionError(f"execution pins {pin.num_nodes} nodes; this machine is one (SkyPilot or Ray run "
-                                   "several)")
+    if pin is not None and pin.num_nodes > nodes:
+        has = "this machine is one (SkyPilot or Ray run several)" if nodes == 1 else f"the backend has {nodes}"
+        raise PinnedExecutionError(f"execution pins {pin.num_nodes} nodes; {has}")
     vram = vram_gb if vram_gb is not None else device.vram_gb
     price = Decimal(str(price_per_hour))
     offer = Offer(provider=LOCAL_PROVIDER, region="this-machine", instance_type="local", gpu=gpu, gpu_count=gpu_count,
                   vram_gb_per_gpu=vram if vram is not None else 0.0, price_on_demand=price, price_spot=None,
                   source="local")
-    g = _group(job, device, gpu_count, vram, cal, writes="local")
-    if g.choice is None:
-        raise NoFeasibleOption(f"does not fit this machine: {memory_detail(g, offer)}")
     startup = local_startup_hours(job.arch, cal)
-    hours = g.train_hours + g.checkpoint_hours + startup
-    candidate = Candidate(float(price) * hours, hours, offer, False, price, g, hours)
-    return _build_plan(job, [candidate], [], (), cal, "local price", startup, 1)
+    candidates, first = [], None
+    for n in (n for n in node_counts(spec, gpu_count) if n <= nodes):
+        g = _group(job, device, gpu_count, vram, cal, n, writes="local")
+        first = first or g
+        if g.choice is None:
+            continue
+        hours = g.train_hours + g.checkpoint_hours + startup
+        candidates.append(Candidate(float(price * n) * hours, hours, offer, False, price * n, g, hours))
+    if not candidates:
+        if first is None:
+            raise NoFeasibleOption(f"batch.global {spec.batch.global_} does not split evenly over {gpu_count} GPUs")
+        raise NoFeasibleOption(f"does not fit this machine: {memory_detail(first, offer)}")
+    deadline = spec.constraints.deadline_hours
+    in_time = [c for c in candidates if deadline is None or c.expected_hours <= deadline]
+    best = min(in_time, key=lambda c: (c.cost, c.expected_hours)) if in_time else min(candidates, key=lambda c: c.expected_hours)
+    return _build_plan(job, [best], [], (), cal, "local price", startup, 1)
 
 
 def local_startup_hours(arch: ModelArch, cal: Calibration) -> float:

@@ -268,6 +268,8 @@ def test_an_unexpected_exception_is_one_internal_line_and_the_trace_goes_to_the_
         raise ZeroDivisionError("a bug\nthat spans lines with HF_TOKEN=hf_abcdefghijklmnopqrstuvwxyz")
 
     monkeypatch.setattr(orchestrator.planner, "make_plan", broken)
+    # As SkyPilot leaves it after one of its errors (sky/utils/ux_utils.py): the trace keeps its frames.
+    monkeypatch.setattr(sys, "tracebacklimit", 0, raising=False)
     materialize(Case("base", "control", ""), case_dir)
     state = case_dir / "state"
     code, out, err = run_in_process(["--state-dir", str(state), "plan", str(case_dir / "spec.yaml")])

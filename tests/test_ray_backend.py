@@ -250,3 +250,58 @@ def test_the_staged_spec_is_the_requests_node_spec_with_the_data_file_beside_it(
     staged = yaml.safe_load((stage / "spec.yaml").read_text())
     assert staged == {**launch.node_spec, "data": {**launch.node_spec["data"], "path": "data/train.jsonl"}}
     assert (stage / "data" / "train.jsonl").read_text() == (tmp_path / "train.jsonl").read_text()
+
+
+def test_a_node_that_is_a_cloud_instance_is_priced_from_the_catalog_the_orchestrator_passes(tmp_path):
+    """Ray reports no prices: a node labelled with an instance type the planner's catalog lists costs
+    that instance's on-demand price (orchestrator.jobs.instance_prices, carried by the request)."""
+    from orchestrator.catalog import load_offers
+    from orchestrator.jobs import instance_prices
+
+    prices = instance_prices()
+    g5 = min(o.price_on_demand for o in load_offers() if o.instance_type == "g5.xlarge" and o.price_on_demand)
+    assert prices["g5.xlarge"] == g5
+    node = {"NodeID": "n1", "Alive": True, "NodeManagerAddress": "10.0.0.1", "NodeName": "10.0.0.1",
+            "Resources": {"CPU": 4.0, "GPU": 1.0}, "Labels": {"instance-type": "g5.xlarge"}}
+    backend = RayBackend(tmp_path, address="http://127.0.0.1:1", nodes=lambda: [node])
+    launch = dataclasses.replace(request(tmp_path, "catalog-1", "finish", prices="{}"), instance_prices=prices)
+    placement, lines = backend._price(launch, "A10G", 1, 1)
+    assert (placement.price_per_hour, placement.num_nodes) == (g5, 1)
+    assert "catalog" in " ".join(lines)
+
+
+def gpu_node(node_id: str, gpus: int, accelerator: str = "H100") -> dict:
+    return {"NodeID": node_id, "Alive": True, "NodeManagerAddress": f"10.0.0.{len(node_id)}", "NodeName": node_id,
+            "Resources": {"CPU": 96.0, "GPU": float(gpus), f"accelerator_type:{accelerator}": 1.0},
+            "Labels": {"ray.io/accelerator-type": accelerator}}
+
+
+def test_the_cluster_reports_its_gpu_type_gpus_per_node_and_nodes(tmp_path):
+    nodes = [gpu_node("a", 8), gpu_node("b", 8), gpu_node("c", 4), gpu_node("d", 1, "L4")]
+    report = RayBackend(tmp_path, nodes=lambda: nodes).device()
+    assert (report.gpu, report.count, report.nodes) == ("H100", 4, 3)
+    cpu_only = [{"NodeID": n, "Alive": True, "Resources": {"CPU": 1.0}, "Labels": {}} for n in "xy"]
+    assert RayBackend(tmp_path, nodes=lambda: cpu_only).device() == DeviceReport(None, 0, None, nodes=2)
+
+
+def test_a_70b_full_fine_tune_plans_over_as_many_cluster_nodes_as_it_needs(tmp_path):
+    """One 8xH100 node cannot hold a 70B full fine-tune's states; the cluster's nodes can, sharded."""
+    import yaml
+
+    from orchestrator.jobs import make_job_plan
+
+    config = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "llama3.1-70b-full-multinode.yaml"
+    raw = yaml.safe_load(config.read_text())
+    raw["data"].pop("path")
+    raw["constraints"] = {"max_nodes": 4}
+    raw["local"] = {"price_per_hour": 30.0}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    spec = load_spec(tmp_path / "spec.yaml")
+    backend = RayBackend(tmp_path, nodes=lambda: [gpu_node(n, 8) for n in "abcd"])
+    best = make_job_plan(spec, backend).best
+    assert (best.placement.gpu, best.placement.gpu_count, best.placement.num_nodes) == ("H100", 8, 2)
+    assert best.placement.price_per_hour == Decimal("60.0")
+    assert best.execution.world_size == 16 and best.execution.sharding == "fsdp"
+    one_node = RayBackend(tmp_path, nodes=lambda: [gpu_node("a", 8)])
+    with pytest.raises(Exception, match="does not fit"):
+        make_job_plan(spec, one_node)
