@@ -153,13 +153,23 @@ class RayBackend:
                     PRICE_ENV: str(placement.price_per_hour)}  # the node's budget guard prices what runs
         runtime_env = {"working_dir": str(stage), "env_vars": env_vars,
                        "py_modules": [str(SOURCE_ROOT / "recipes"), str(SOURCE_ROOT / "contract")]}
+        # Written ahead of the submit: a launch killed in between leaves what find() needs.
+        self._save(request.run_dir, {"submission_id": submission_id, "placement": placement.to_json(),
+                                     "priced": priced, "events_fetched_at": None})
         # The driver only starts Ray Train; the workers ask for the GPUs.
         self._call("submit", client.submit_job, entrypoint=self._entrypoint(request, gpu, workers),
                    submission_id=submission_id, runtime_env=runtime_env,
                    metadata={"spotune_job_id": request.job_id})
-        self._save(request.run_dir, {"submission_id": submission_id, "placement": placement.to_json(),
-                                     "priced": priced, "events_fetched_at": None})
         return submission_id
+
+    def find(self, job_id: str, run_dir: Path) -> Optional[str]:
+        """The Ray job of a launch that died between submitting and recording it: its submission id
+        is spotune-<job id>, so the cluster either lists it or never got it."""
+        submission_id = f"spotune-{job_id}"
+        if not (Path(run_dir) / STATE_FILE).is_file():
+            return None  # the state is written before the submit: nothing reached the cluster
+        listed = self._call("job listing", self.client.list_jobs)
+        return submission_id if any(job.submission_id == submission_id for job in listed) else None
 
     def poll(self, external_id: str) -> Observation:
         run_dir = self._run_dir(external_id)

@@ -102,6 +102,13 @@ def test_a_finished_ray_job_is_one_attempt_priced_from_the_clusters_node_with_it
     # Every event reaches the log (the final flush may repeat lines the live mirror already sent).
     assert len({line for line in followed if line.startswith("[spotune-event] {")}) == 2
 
+    # A launch that died before recording the id finds it again; one whose submit never reached the
+    # cluster (its state written ahead, or nothing written) finds nothing, and is submitted afresh.
+    assert backend.find("ok-1", tmp_path / "runs" / "ok-1") == external_id
+    assert backend.find("never-1", tmp_path / "runs" / "never-1") is None
+    RayBackend._save(tmp_path / "runs" / "lost-1", {"submission_id": "spotune-lost-1"})
+    assert backend.find("lost-1", tmp_path / "runs" / "lost-1") is None
+
 
 def test_a_crashed_recipe_fails_the_job_with_its_exit_code(tmp_path, backend):
     external_id = backend.submit(request(tmp_path, "crash-1", "crash"))
