@@ -3,7 +3,7 @@
 More nodes shorten the run and raise its cost (orchestrator/estimate/scaling.py), so the ranking
 picks the fewest nodes that fit in memory and meet the constraints. This module says so in words
 (`spotune plan --explain`) and as the plan's `assumptions.nodes` (`--json`), from one outcome per
-node count that the planner computes with the same estimate it ranks by (planner.node_outcomes).
+node count that the planner computes with the same estimate it ranks by (candidates.node_outcomes).
 """
 from __future__ import annotations
 

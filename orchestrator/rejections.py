@@ -1,7 +1,7 @@
 """What the planner says about what it turned down: each rejection's detail, the few kept per
 reason, and, when nothing is feasible, the closest miss (planner.NoFeasibleOption's message).
 
-Reads the planner's RejectedCandidate and Group (planner.py) by their fields.
+Reads the planner's RejectedCandidate and Group (orchestrator/candidates.py) by their fields.
 """
 from __future__ import annotations
 
