@@ -139,8 +139,10 @@ class InjectionPlan:
         if total_steps is None or total_steps - start_step < 2:
             self.trigger_step = start_step + 1
             return
-        # Spread the remaining preemptions over the remaining steps; always before the last.
-        span = max(1, (total_steps - start_step - 1) // self.left)
+        # Spread the remaining preemptions over the remaining steps, keeping a share for the attempt
+        # after the last one: the supervisor signals up to a tick after it reads the step, and a
+        # trigger near the end would come after a fast recipe had finished, and never happen.
+        span = max(1, (total_steps - start_step - 1) // (self.left + 1))
         self.trigger_step = start_step + self.rng.randint(1, span)
 
     def due(self, step: int) -> bool:
